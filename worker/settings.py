@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     delivery: Literal["at-least-once", "exactly-once"] = Field(
         "at-least-once", description="at-least-once, or exactly-once with Kafka transactions"
     )
+    transactional_id: str | None = Field(
+        None, description="Kafka transactional.id with --delivery exactly-once, unique per replica; "
+        "default <group-id>-<host name>"
+    )
     max_in_flight: int = Field(64, ge=1, le=4096, description="images fetched, decoded or captioned at once")
     commit_interval_seconds: float = Field(5.0, gt=0, description="seconds between offset commits")
     drain_timeout_seconds: float = Field(
