@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     repetition_penalty: float = Field(1.0, gt=0, description="repetition penalty, 1.0 for none")
     stop_strings: list[str] = Field(default_factory=list, description="extra stop strings, repeatable")
     seed: int | None = Field(None, description="random seed for sampling")
+    ignore_eos: bool = Field(
+        False, description="ignore end of sequence and always generate max-new-tokens tokens, for benchmarks"
+    )
     request_timeout_seconds: float = Field(600.0, gt=0, description="deadline of one caption request")
 
     # Continuous-batching scheduler
