@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run the worker on bundled photographs on a local stack it starts")
     demo.add_argument("--keep-stack", action="store_true", help="leave the local stack running afterwards")
+    demo.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds to wait for the worker to be ready, and then for all records"
+    )
     add_settings_arguments(demo)
 
     bench = commands.add_parser("bench", help="benchmarks that print ratios measured in one run")
@@ -54,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench_stream = bench_kinds.add_parser("stream", help="the whole stream against the engine and a naive consumer")
     bench_stream.add_argument("--json", action="store_true", help="print one JSON object")
     bench_stream.add_argument("--events", type=int, default=2000, help="events sent through the stream")
+    bench_stream.add_argument(
+        "--naive-events", type=int, default=100, help="events captioned by the naive one-at-a-time consumer"
+    )
+    bench_stream.add_argument("--plot", metavar="PNG", help="write a plot of end-to-end latency over the run")
     add_settings_arguments(bench_stream)
     return parser
 

@@ -1,0 +1,517 @@
+"""`caption-worker bench stream`: the whole stream against the engine alone and a naive consumer, in one run.
+
+All three caption the bundled photographs, cycled, at the same max-new-tokens
+with end of sequence ignored, so every image costs the same. They run one
+after another, never at once, so each has the machine to itself:
+1. engine alone: the photographs decoded once and held in memory, N submissions to a
+   CaptionEngine with the worker's scheduler settings and at most max-in-flight at once;
+2. stream: `caption-worker run` as a child process consumes N Amazon S3 event
+   notifications from the local broker, fetches from the local S3 server, captions and
+   publishes; a closed-loop producer keeps at most twice max-in-flight events
+   outstanding, so the worker never waits for input and no backlog inflates latency;
+3. naive: one message at a time (poll, fetch, decode, VLMPipeline.generate, produce and
+   flush, synchronous commit) on the first --naive-events events.
+Throughput is images over the seconds from the first event (or submission) to the
+last record (or result). End-to-end latency is from an event's broker timestamp to
+its output record's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote_plus
+
+import numpy as np
+
+from worker.errors import EngineFull
+from worker.localrun import (
+    EventProducer,
+    LocalRunError,
+    LocalStack,
+    OutputReader,
+    OutputRecord,
+    StackEndpoints,
+    UploadedObject,
+    WorkerProcess,
+    create_topics,
+    delete_bucket,
+    delete_topics,
+    free_port,
+    make_s3_client,
+    percentile,
+    photo_paths,
+    s3_event_notification,
+    settings_environment,
+    unique_suffix,
+    upload_photo,
+    worker_environment,
+)
+from worker.logs import configure_logging
+from worker.settings import Settings, SettingsError, load_settings
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 128
+DEFAULT_NAIVE_EVENTS = 100
+RSS_WINDOW_RECORDS = 1000
+RSS_SAMPLE_SECONDS = 0.5
+READY_TIMEOUT_SECONDS = 300.0
+WORKER_STOP_TIMEOUT_SECONDS = 120.0
+INPUT_PARTITIONS = 4
+
+# Targets that docs/benchmarks.md reports against.
+TARGET_STREAM_VS_ENGINE = 0.8
+TARGET_STREAM_VS_NAIVE = 5.0
+TARGET_RSS_GROWTH = 0.05
+
+
+@dataclass
+class PhaseResult:
+    """Throughput and latency of one phase."""
+
+    images: int
+    seconds: float
+    latencies: list[float] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class StreamPhaseResult(PhaseResult):
+    """The stream phase, with the worker's memory and per-record latency over time."""
+
+    dead_lettered: int = 0
+    peak_rss_bytes: int | None = None
+    rss_first_window_bytes: int | None = None
+    rss_last_window_bytes: int | None = None
+    rss_window_records: int = 0
+    # (seconds since the first event, end-to-end latency in seconds) per caption record, for the plot.
+    latency_points: list[tuple[float, float]] = field(default_factory=list)
+
+    @property
+    def rss_growth(self) -> float | None:
+        if not self.rss_first_window_bytes or self.rss_last_window_bytes is None:
+            return None
+        return (self.rss_last_window_bytes - self.rss_first_window_bytes) / self.rss_first_window_bytes
+
+
+# ---------------------------------------------------------------- phase 1: engine alone
+
+
+def decode_photos(settings: Settings, image_side: int) -> list[np.ndarray]:
+    """Decode the bundled photographs with the worker's limits and the model's input side."""
+    from worker.images import ImageLimits, decode_image
+
+    limits = ImageLimits.from_settings(settings, image_side)
+    return [decode_image(path.read_bytes(), limits).pixels for path in photo_paths()]
+
+
+def run_engine_phase(settings: Settings, events: int) -> tuple[PhaseResult, int]:
+    """Caption `events` in-memory photographs with at most max-in-flight submitted; return it and the image side."""
+    from worker.engine import CaptionEngine, GenerationOptions
+
+    engine = CaptionEngine.from_settings(settings, None)
+    engine.start()
+    try:
+        engine.warm_up()
+        images = decode_photos(settings, engine.image_side)
+        options = GenerationOptions.from_settings(settings)
+        pending: dict[concurrent.futures.Future, float] = {}
+        latencies: list[float] = []
+        submitted = 0
+        started = time.perf_counter()
+        while submitted < events or pending:
+            while submitted < events and len(pending) < settings.max_in_flight:
+                try:
+                    future = engine.submit(images[submitted % len(images)], None, options)
+                except EngineFull:
+                    break
+                pending[future] = time.perf_counter()
+                submitted += 1
+            done, _ = concurrent.futures.wait(pending, timeout=1.0, return_when=concurrent.futures.FIRST_COMPLETED)
+            finished_at = time.perf_counter()
+            for future in done:
+                future.result()  # a failed caption fails the benchmark: all three must do the same work
+                latencies.append(finished_at - pending.pop(future))
+        seconds = time.perf_counter() - started
+        return PhaseResult(images=events, seconds=seconds, latencies=latencies), engine.image_side
+    finally:
+        engine.close(30.0)
+
+
+# ---------------------------------------------------------------- phase 2: the stream
+
+
+def run_stream_phase(
+    args: argparse.Namespace,
+    settings: Settings,
+    endpoints: StackEndpoints,
+    names: BenchNames,
+    objects: list[UploadedObject],
+    events: int,
+    log_dir: Path,
+) -> StreamPhaseResult:
+    """Run the worker process on `events` events published by a closed-loop producer; see the module docstring."""
+    metrics_port = free_port()
+    overrides = settings_environment(args) | {
+        "CAPTION_INPUT_TOPIC": names.input_topic,
+        "CAPTION_OUTPUT_TOPIC": names.output_topic,
+        "CAPTION_DLQ_TOPIC": names.dlq_topic,
+        "CAPTION_GROUP_ID": names.group,
+        "CAPTION_S3_ALLOWED_BUCKETS": names.bucket,
+        "CAPTION_METRICS_PORT": str(metrics_port),
+        "CAPTION_MAX_NEW_TOKENS": str(settings.max_new_tokens),
+        "CAPTION_IGNORE_EOS": "true",
+    }
+    worker = WorkerProcess(worker_environment(endpoints, overrides), log_dir / f"{names.group}.log", metrics_port)
+    try:
+        worker.wait_ready(READY_TIMEOUT_SECONDS)
+        producer = EventProducer(endpoints.kafka_bootstrap, names.input_topic)
+        reader = OutputReader(endpoints.kafka_bootstrap, [names.output_topic, names.dlq_topic])
+        try:
+            records, rss_samples = drive_stream(worker, producer, reader, objects, events, 2 * settings.max_in_flight)
+        finally:
+            reader.close()
+        producer.flush()
+        peak_rss = worker.peak_rss_bytes()
+    finally:
+        exit_code = worker.stop(WORKER_STOP_TIMEOUT_SECONDS)
+    if exit_code != 0:
+        logger.warning("the worker exited with code %s after SIGTERM; log: %s", exit_code, worker.log_path)
+    return summarize_stream(records, producer.timestamps_by_offset(), rss_samples, peak_rss, events)
+
+
+def drive_stream(
+    worker: WorkerProcess,
+    producer: EventProducer,
+    reader: OutputReader,
+    objects: list[UploadedObject],
+    events: int,
+    window: int,
+) -> tuple[list[OutputRecord], list[tuple[int, int]]]:
+    """Publish events while fewer than `window` are outstanding, read records and sample the worker's RSS.
+
+    Returns the records and (records read, RSS bytes) samples. Raises LocalRunError when the worker
+    exits, or when no record arrives for READY_TIMEOUT_SECONDS.
+    """
+    records: list[OutputRecord] = []
+    rss_samples: list[tuple[int, int]] = []
+    sent = 0
+    last_progress = next_sample = time.monotonic()
+    while len(records) < events:
+        while sent < events and sent - len(records) < window:
+            obj = objects[sent % len(objects)]
+            producer.send(f"{obj.uri}#{sent}", s3_event_notification(obj))
+            sent += 1
+        producer.serve_callbacks()
+
+        arrived = list(reader.poll(0.2))
+        records.extend(arrived)
+        now = time.monotonic()
+        if arrived:
+            last_progress = now
+        if now >= next_sample or len(records) >= events:
+            rss = worker.rss_bytes()
+            if rss is not None:
+                rss_samples.append((len(records), rss))
+            next_sample = now + RSS_SAMPLE_SECONDS
+
+        if worker.process.poll() is not None:
+            raise LocalRunError(
+                f"the worker exited with code {worker.process.returncode} after {len(records)} of {events} "
+                f"records; last log lines:\n{worker.log_tail()}"
+            )
+        if now - last_progress > READY_TIMEOUT_SECONDS:
+            raise LocalRunError(
+                f"no record for {READY_TIMEOUT_SECONDS:.0f} s after {len(records)} of {events}; "
+                f"last worker log lines:\n{worker.log_tail()}"
+            )
+    return records, rss_samples
+
+
+def summarize_stream(
+    records: list[OutputRecord],
+    sent_at: dict[tuple[int, int], float],
+    rss_samples: list[tuple[int, int]],
+    peak_rss: int | None,
+    events: int,
+) -> StreamPhaseResult:
+    first_event = min(sent_at.values())
+    last_record = max(r.timestamp for r in records)
+    result = StreamPhaseResult(images=len(records), seconds=last_record - first_event, peak_rss_bytes=peak_rss)
+    result.dead_lettered = sum(1 for r in records if r.is_error)
+    for record in records:
+        sent = sent_at.get(record.source_position)
+        if sent is None or record.is_error:
+            continue
+        result.latencies.append(record.timestamp - sent)
+        result.latency_points.append((record.timestamp - first_event, record.timestamp - sent))
+
+    # RSS at the end of the first and of the last window of records; the window is
+    # 1,000 records, or half the run when it is shorter than 2,000.
+    result.rss_window_records = min(RSS_WINDOW_RECORDS, events // 2)
+    first_window = [rss for count, rss in rss_samples if count >= result.rss_window_records]
+    if first_window and rss_samples:
+        result.rss_first_window_bytes = first_window[0]
+        result.rss_last_window_bytes = rss_samples[-1][1]
+    return result
+
+
+# ---------------------------------------------------------------- phase 3: the naive consumer
+
+
+def run_naive_phase(
+    settings: Settings, endpoints: StackEndpoints, names: BenchNames, events: int, image_side: int
+) -> PhaseResult:
+    """Caption the first `events` input events one at a time; see the module docstring."""
+    import openvino as ov
+    import openvino_genai
+    from confluent_kafka import Consumer, Producer
+
+    from worker.images import ImageLimits, decode_image
+
+    pipeline = openvino_genai.VLMPipeline(str(settings.model), settings.device)
+    config = openvino_genai.GenerationConfig()
+    config.max_new_tokens = settings.max_new_tokens
+    config.ignore_eos = True
+    limits = ImageLimits.from_settings(settings, image_side)
+    s3 = make_s3_client(endpoints.s3_endpoint)
+    # One generation before the clock starts, as the engine and the worker warm up too.
+    warm_image = decode_photos(settings, image_side)[0]
+    pipeline.generate(settings.prompt, images=[ov.Tensor(warm_image[np.newaxis])], generation_config=config)
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": endpoints.kafka_bootstrap,
+            "group.id": f"{names.group}-naive",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    producer = Producer({"bootstrap.servers": endpoints.kafka_bootstrap})
+    consumer.subscribe([names.input_topic])
+    latencies: list[float] = []
+    started: float | None = None
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    try:
+        while len(latencies) < events:
+            message = consumer.poll(1.0)
+            if message is None or message.error() is not None:
+                if time.monotonic() > deadline:
+                    raise LocalRunError(f"the naive consumer read {len(latencies)} of {events} events in time")
+                continue
+            began = time.perf_counter()
+            started = started if started is not None else began
+
+            record = json.loads(message.value())["Records"][0]["s3"]
+            bucket, key = record["bucket"]["name"], unquote_plus(record["object"]["key"])
+            data = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+            pixels = decode_image(data, limits).pixels
+            caption = pipeline.generate(settings.prompt, images=[ov.Tensor(pixels[np.newaxis])], generation_config=config)
+            producer.produce(names.naive_output_topic, value=json.dumps({"image": f"s3://{bucket}/{key}", "caption": str(caption)}))
+            producer.flush(30.0)
+            consumer.commit(message=message, asynchronous=False)
+
+            latencies.append(time.perf_counter() - began)
+    finally:
+        consumer.close()
+    return PhaseResult(images=events, seconds=time.perf_counter() - (started or time.perf_counter()), latencies=latencies)
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class BenchNames:
+    """Unique topic, group and bucket names of one run."""
+
+    suffix: str
+
+    @property
+    def input_topic(self) -> str:
+        return f"bench-{self.suffix}-images"
+
+    @property
+    def output_topic(self) -> str:
+        return f"bench-{self.suffix}-captions"
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"bench-{self.suffix}-dlq"
+
+    @property
+    def naive_output_topic(self) -> str:
+        return f"bench-{self.suffix}-naive-captions"
+
+    @property
+    def group(self) -> str:
+        return f"bench-{self.suffix}"
+
+    @property
+    def bucket(self) -> str:
+        return f"bench-{self.suffix}"
+
+    @property
+    def topics(self) -> list[str]:
+        return [self.input_topic, self.output_topic, self.dlq_topic, self.naive_output_topic]
+
+
+def run_benchmark(args: argparse.Namespace, settings: Settings, events: int, naive_events: int) -> dict[str, Any]:
+    """Run the three phases on a local stack, then clean up what the run created; return the figures."""
+    names = BenchNames(unique_suffix())
+    stack = LocalStack()
+    s3 = None
+    try:
+        endpoints = stack.start()
+        create_topics(
+            endpoints.kafka_bootstrap,
+            {names.input_topic: INPUT_PARTITIONS, names.output_topic: 1, names.dlq_topic: 1, names.naive_output_topic: 1},
+        )
+        s3 = make_s3_client(endpoints.s3_endpoint)
+        s3.create_bucket(Bucket=names.bucket)
+        objects = [upload_photo(s3, names.bucket, f"bench photos/{p.name}", p) for p in photo_paths()]
+
+        progress(f"engine alone: {events} images")
+        engine, image_side = run_engine_phase(settings, events)
+        progress(f"stream: {events} events through the worker process")
+        stream = run_stream_phase(args, settings, endpoints, names, objects, events, stack.log_dir())
+        progress(f"naive consumer: the first {naive_events} events, one at a time")
+        naive = run_naive_phase(settings, endpoints, names, naive_events, image_side)
+    finally:
+        if stack.endpoints is not None:
+            delete_topics(stack.endpoints.kafka_bootstrap, names.topics)
+            if s3 is not None:
+                delete_bucket(s3, names.bucket)
+        stack.stop_started()
+    return build_report(settings, events, naive_events, engine, stream, naive)
+
+
+def build_report(
+    settings: Settings, events: int, naive_events: int, engine: PhaseResult, stream: StreamPhaseResult, naive: PhaseResult
+) -> dict[str, Any]:
+    def ratio(numerator: float, denominator: float) -> float | None:
+        return numerator / denominator if denominator > 0 else None
+
+    return {
+        "events": events,
+        "naive_events": naive_events,
+        "max_new_tokens": settings.max_new_tokens,
+        "max_in_flight": settings.max_in_flight,
+        "model": str(settings.model),
+        "stream_images_per_second": stream.images_per_second,
+        "engine_images_per_second": engine.images_per_second,
+        "naive_images_per_second": naive.images_per_second,
+        "stream_vs_engine": ratio(stream.images_per_second, engine.images_per_second),
+        "stream_vs_naive": ratio(stream.images_per_second, naive.images_per_second),
+        "latency_p50_seconds": percentile(stream.latencies, 50),
+        "latency_p99_seconds": percentile(stream.latencies, 99),
+        "engine_latency_p50_seconds": percentile(engine.latencies, 50),
+        "naive_latency_p50_seconds": percentile(naive.latencies, 50),
+        "stream_captions": len(stream.latencies),
+        "stream_dead_lettered": stream.dead_lettered,
+        "peak_rss_bytes": stream.peak_rss_bytes,
+        "rss_first_window_bytes": stream.rss_first_window_bytes,
+        "rss_last_window_bytes": stream.rss_last_window_bytes,
+        "rss_window_records": stream.rss_window_records,
+        "rss_growth": stream.rss_growth,
+        "latency_points": stream.latency_points,
+        "machine": machine_description(),
+    }
+
+
+def machine_description() -> dict[str, Any]:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            cpu = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": memory}
+
+
+def progress(text: str) -> None:
+    print(f"bench stream: {text}", file=sys.stderr, flush=True)
+
+
+def format_optional(value: float | None, pattern: str) -> str:
+    return "n/a" if value is None else pattern.format(value)
+
+
+def print_report(report: dict[str, Any]) -> None:
+    mib = 1024 * 1024
+    verdict = {True: "met", False: "MISSED", None: "n/a"}
+
+    def target(value: float | None, ok: bool) -> str:
+        return verdict[None if value is None else ok]
+
+    a_b, a_c, growth = report["stream_vs_engine"], report["stream_vs_naive"], report["rss_growth"]
+    lines = [
+        f"{report['events']} events, {report['max_new_tokens']} new tokens per image (end of sequence ignored), "
+        f"max-in-flight {report['max_in_flight']}",
+        f"(a) stream          {report['stream_images_per_second']:8.2f} images/s",
+        f"(b) engine alone    {report['engine_images_per_second']:8.2f} images/s",
+        f"(c) naive consumer  {report['naive_images_per_second']:8.2f} images/s  (first {report['naive_events']} events)",
+        f"a/b                 {format_optional(a_b, '{:8.2f}')}  target >= {TARGET_STREAM_VS_ENGINE}: "
+        f"{target(a_b, (a_b or 0) >= TARGET_STREAM_VS_ENGINE)}",
+        f"a/c                 {format_optional(a_c, '{:8.2f}')}  target >= {TARGET_STREAM_VS_NAIVE}: "
+        f"{target(a_c, (a_c or 0) >= TARGET_STREAM_VS_NAIVE)}",
+        f"latency p50         {format_optional(report['latency_p50_seconds'], '{:8.2f}')} s  (event to output record)",
+        f"latency p99         {format_optional(report['latency_p99_seconds'], '{:8.2f}')} s",
+        f"worker peak RSS     {format_optional(report['peak_rss_bytes'] and report['peak_rss_bytes'] / mib, '{:8.0f}')} MiB",
+        f"RSS growth          {format_optional(growth and growth * 100, '{:8.2f}')} %  "
+        f"(end of first to end of last {report['rss_window_records']} records) target < 5 %: "
+        f"{target(growth, (growth if growth is not None else 1) < TARGET_RSS_GROWTH)}",
+        f"dead-lettered       {report['stream_dead_lettered']:8d}",
+    ]
+    print("\n".join(lines))
+
+
+def bench_stream_command(args: argparse.Namespace) -> int:
+    """Run the benchmark; print a table, or one JSON object with --json. Return 0, 1 on failure, 2 on bad settings."""
+    configure_logging(getattr(args, "log_level", None) or "WARNING", getattr(args, "log_format", None) or "text")
+    events = int(getattr(args, "events", 2000))
+    naive_events = min(int(getattr(args, "naive_events", None) or DEFAULT_NAIVE_EVENTS), events)
+    if events < 2:
+        print("invalid --events: expected at least 2", file=sys.stderr)
+        return 2
+    try:
+        overrides = {"ignore_eos": True}
+        if getattr(args, "max_new_tokens", None) is None:
+            overrides["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
+        settings = load_settings(args, **overrides)
+    except SettingsError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+
+    try:
+        report = run_benchmark(args, settings, events, naive_events)
+    except LocalRunError as exc:
+        print(f"bench stream failed: {exc}", file=sys.stderr)
+        return 1
+
+    plot_path = getattr(args, "plot", None)
+    if plot_path:
+        from worker.benchmarks.plot import write_latency_plot
+
+        write_latency_plot(Path(plot_path), report["latency_points"], report)
+    points = report.pop("latency_points")
+    if getattr(args, "json", False):
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report)
+    del points
+    return 0
