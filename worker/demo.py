@@ -89,7 +89,7 @@ class DemoResult:
 
 
 def demo_key(index: int, photo: Path) -> str:
-    """Return an object key such as `holiday photos/astronaut café terrace.png` for the index-th photograph."""
+    """Return an object key such as `holiday photos/astronaut café terrace.jpg` for the index-th photograph."""
     folder = KEY_FOLDERS[index % len(KEY_FOLDERS)]
     word = KEY_WORDS[index % len(KEY_WORDS)]
     return f"{folder}/{photo.stem} {word}{photo.suffix.lower()}"

@@ -70,10 +70,14 @@ def load_stack_module() -> ModuleType:
         raise LocalRunError(
             f"local stack script not found: {STACK_SCRIPT}; run this command from a clone of the repository"
         )
-    spec = importlib.util.spec_from_file_location("caption_worker_local_stack", STACK_SCRIPT)
+    name = "caption_worker_local_stack"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, STACK_SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
+    # dataclasses look the module up in sys.modules while its class bodies run.
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
