@@ -1,0 +1,934 @@
+"""The streaming worker, `caption-worker run`: consume, fetch, caption, publish, commit.
+
+The path of one message, top to bottom in this file:
+
+1. poll: the consumer returns a message (`_take_message`);
+2. parse: `events.parse_message` turns it into image requests, failures and skip reasons;
+3. fetch and decode each image in the fetch thread pool (`_fetch_and_decode`);
+4. caption: `engine.submit` queues the pixels in the continuous-batching engine;
+5. build the output record, or an error record at any failing step;
+6. produce: the delivery callback marks the image done, and an offset is done when all its images are;
+7. checkpoint: commit each partition up to its first offset that is not done.
+
+In exactly-once mode, step 6 only keeps the records, and the checkpoint produces
+them in a Kafka transaction together with the offsets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from worker import __version__
+from worker.cli import EXIT_DRAIN_TIMEOUT, EXIT_FAILURE, EXIT_KAFKA_FATAL, EXIT_OK, EXIT_SIGNAL, EXIT_STARTUP, EXIT_USAGE
+from worker.errors import CaptionError, EngineFull, ErrorCode, TransientError
+from worker.events import parse_message
+from worker.health import HealthServer, HealthState
+from worker.logs import configure_logging, fields
+from worker.metrics import Metrics
+from worker.offsets import OffsetTracker
+from worker.pipeline import MessageWork, PartitionWork, TopicPartitionKey, WorkItem
+from worker.publishing import OutboundRecord, Publisher, SourceMessage, build_error_record, build_output_record
+from worker.settings import Settings, SettingsError, load_settings
+
+logger = logging.getLogger(__name__)
+
+# Poll timeouts: short while images are in flight, so completed work is picked up quickly.
+BUSY_POLL_SECONDS = 0.02
+IDLE_POLL_SECONDS = 0.5
+MAX_MESSAGES_PER_POLL = 100
+# Bounds of the shutdown steps after the drain, and of Kafka calls at the checkpoints.
+FLUSH_TIMEOUT_SECONDS = 15.0
+COMMIT_TIMEOUT_SECONDS = 15.0
+CLOSE_TIMEOUT_SECONDS = 15.0
+TRANSACTION_TIMEOUT_SECONDS = 30.0
+STATISTICS_INTERVAL_MS = 10_000
+
+# Commit errors that a rebalance causes; the next owner commits, so they are not fatal.
+REBALANCE_COMMIT_ERRORS = frozenset(
+    {
+        KafkaError.REBALANCE_IN_PROGRESS,
+        KafkaError.ILLEGAL_GENERATION,
+        KafkaError.UNKNOWN_MEMBER_ID,
+        KafkaError._NO_OFFSET,
+        KafkaError._STATE,
+    }
+)
+
+FETCHED = "fetched"
+CAPTIONED = "captioned"
+
+
+def consumer_config(
+    settings: Settings,
+    *,
+    error_cb: Callable[[KafkaError], None] | None = None,
+    stats_cb: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Return the consumer's librdkafka configuration.
+
+    --kafka-option may change the defaults (the assignment strategy, for one) but
+    not the offset handling, because offsets are stored and committed only at checkpoints.
+    """
+    config: dict[str, Any] = {
+        "partition.assignment.strategy": "cooperative-sticky",
+        "auto.offset.reset": "earliest",
+        "statistics.interval.ms": STATISTICS_INTERVAL_MS,
+    }
+    config.update(settings.kafka_common_config())
+    config.update(
+        {
+            "group.id": settings.group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+        }
+    )
+    if settings.delivery == "exactly-once":
+        config["isolation.level"] = "read_committed"
+    if error_cb is not None:
+        config["error_cb"] = error_cb
+    if stats_cb is not None:
+        config["stats_cb"] = stats_cb
+    return config
+
+
+def _topic_partitions(positions: dict[TopicPartitionKey, int]) -> list[TopicPartition]:
+    return [TopicPartition(topic, partition, offset) for (topic, partition), offset in positions.items()]
+
+
+def _keys(partitions: Iterable[TopicPartition]) -> list[TopicPartitionKey]:
+    return [(tp.topic, tp.partition) for tp in partitions]
+
+
+def _run_bounded(target: Callable[[], object], timeout: float, name: str) -> bool:
+    """Run `target` in a daemon thread and wait up to `timeout` seconds; return False if it is still running.
+
+    A Kafka call that hangs (a broker that stopped answering) then cannot keep the process alive.
+    """
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            target()
+        except BaseException as error:  # noqa: BLE001 - reported to the caller's thread below
+            errors.append(error)
+
+    thread = threading.Thread(target=call, name=name, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        logger.warning("step timed out", extra=fields(step=name, timeout_seconds=timeout))
+        return False
+    if errors:
+        raise errors[0]
+    return True
+
+
+class Worker:
+    """The stream loop. `run()` returns an exit code; `stop()` may be called from a signal handler."""
+
+    def __init__(
+        self, settings: Settings, metrics: Metrics, health: HealthState, engine: Any, fetcher: Any,
+        stop_event: threading.Event | None = None,
+    ) -> None:
+        from worker.engine import GenerationOptions
+        from worker.images import ImageLimits
+
+        self.settings = settings
+        self.metrics = metrics
+        self.health = health
+        self.engine = engine
+        self.fetcher = fetcher
+        self.exactly_once = settings.delivery == "exactly-once"
+        self.options = GenerationOptions.from_settings(settings)
+        self.limits = ImageLimits.from_settings(settings, engine.image_side)
+        self.stop_event = stop_event or threading.Event()
+
+        self.consumer = Consumer(consumer_config(settings, error_cb=self._on_kafka_error, stats_cb=self._on_stats))
+        self.publisher = Publisher(settings, error_cb=self._on_kafka_error)
+        self.fetch_pool = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="fetch")
+        self.tracker = OffsetTracker()
+
+        self.partitions: dict[TopicPartitionKey, PartitionWork] = {}
+        self.paused: set[TopicPartitionKey] = set()
+        self.completed: queue.SimpleQueue[tuple[str, WorkItem, Future]] = queue.SimpleQueue()
+        self.waiting: deque[WorkItem] = deque()  # decoded, waiting for room in the engine
+        self.fetch_retries: list[WorkItem] = []  # fetches that met an unhealthy store
+        self.redeliveries: list[WorkItem] = []  # records whose delivery failed
+        self.brokers_down = False
+        self.fatal_error: KafkaError | None = None
+        self.closing = False
+        self.next_checkpoint = 0.0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def stop(self) -> None:
+        """Ask the loop to stop taking messages and shut down in order."""
+        self.stop_event.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_event.is_set()
+
+    def run(self) -> int:
+        """Subscribe, loop over poll, process and checkpoint until stopped, then shut down."""
+        if self.exactly_once:
+            self.publisher.producer.init_transactions(TRANSACTION_TIMEOUT_SECONDS)
+        self.consumer.subscribe(
+            [self.settings.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+        logger.info("worker started", extra=fields(topic=self.settings.input_topic, group=self.settings.group_id,
+                                                     delivery=self.settings.delivery))
+        self.next_checkpoint = time.monotonic() + self.settings.commit_interval_seconds
+
+        while not self.stopping and self.fatal_error is None:
+            self._poll()
+            self._process_completed()
+            self._apply_backpressure()
+            self._checkpoint_if_due()
+
+        return self._shutdown()
+
+    def _shutdown(self) -> int:
+        """Shut down in order, each step bounded, and return the exit code.
+
+        1. Stop intake: pause every assigned partition.
+        2. Drain: finish in-flight images until none is left or drain_timeout_seconds pass,
+           polling the consumer so that the worker stays in its group.
+        3. Flush the producer.
+        4. Checkpoint: commit what is done.
+        5. Close the fetch pool and the consumer; the consumer leaves the group in a
+           daemon thread joined with a timeout, so a hung close cannot keep the pod alive.
+        After a fatal Kafka error, steps 2 to 4 are skipped because the client can do nothing more.
+        """
+        logger.info("shutdown: stopping intake", extra=fields(in_flight=self._in_flight()))
+        self._apply_backpressure()
+
+        drained = True
+        if self.fatal_error is None:
+            drained = self._drain(time.monotonic() + self.settings.drain_timeout_seconds)
+
+            remaining = self.publisher.flush(FLUSH_TIMEOUT_SECONDS)
+            self._serve_deliveries()
+            if remaining:
+                logger.warning("shutdown: producer flush timed out", extra=fields(unacknowledged=remaining))
+
+            logger.info("shutdown: committing")
+            self._checkpoint(final=True)
+
+        logger.info("shutdown: closing consumer")
+        self.closing = True
+        self.fetch_pool.shutdown(wait=False, cancel_futures=True)
+        _run_bounded(self.consumer.close, CLOSE_TIMEOUT_SECONDS, "consumer-close")
+
+        if self.fatal_error is not None:
+            logger.error("stopped after a fatal Kafka error", extra=fields(error=self.fatal_error.str()))
+            return EXIT_KAFKA_FATAL
+        if not drained:
+            logger.warning("stopped with in-flight images left; their offsets stay uncommitted")
+            return EXIT_DRAIN_TIMEOUT
+        logger.info("stopped")
+        return EXIT_OK
+
+    def _drain(self, deadline: float) -> bool:
+        """Keep finishing in-flight images without taking new ones; return False if the deadline passed first."""
+        logger.info("shutdown: draining", extra=fields(in_flight=self._in_flight(),
+                                                        timeout_seconds=self.settings.drain_timeout_seconds))
+        while self._unfinished(self.partitions.values()) and time.monotonic() < deadline:
+            if self.fatal_error is not None:
+                return False
+            self._poll(intake=False)
+            self._process_completed()
+            self._apply_backpressure()
+        return not self._unfinished(self.partitions.values())
+
+    # ------------------------------------------------------------------ loop steps
+
+    def _poll(self, *, intake: bool = True) -> None:
+        """Poll the consumer, which also runs rebalance, error and statistics callbacks, and take its messages."""
+        room = self.settings.max_in_flight - self._in_flight()
+        timeout = BUSY_POLL_SECONDS if self._in_flight() or self.publisher.pending() else IDLE_POLL_SECONDS
+        try:
+            messages = self.consumer.consume(num_messages=max(1, min(room, MAX_MESSAGES_PER_POLL)), timeout=timeout)
+        except KafkaException as exc:
+            self._on_kafka_error(exc.args[0])
+            return
+        self.health.record_poll()
+        for message in messages:
+            if message.error() is not None:
+                self._on_kafka_error(message.error())
+            elif intake:
+                self._take_message(message)
+            else:
+                # Paused partitions return no messages; one fetched before the pause is re-read by the next owner or run.
+                self._rewind_to(message)
+
+    def _process_completed(self) -> None:
+        """Move finished work on: fetched images to the engine, captions to the producer, then retries."""
+        self._serve_deliveries()
+        while True:
+            try:
+                stage, item, future = self.completed.get_nowait()
+            except queue.Empty:
+                break
+            if item.partition.revoked:
+                continue
+            if stage == FETCHED:
+                self._after_fetch(item, future)
+            else:
+                self._after_caption(item, future)
+        self._retry_due_fetches()
+        self._submit_waiting()
+        self._redeliver_due()
+        self._update_outages()
+
+    def _checkpoint_if_due(self) -> None:
+        due = time.monotonic() >= self.next_checkpoint
+        # With transactions, built records count as in flight until a checkpoint sends them.
+        if self.exactly_once and self._in_flight() >= self.settings.max_in_flight:
+            due = due or any(partition.outbox for partition in self.partitions.values())
+        if due:
+            self._checkpoint()
+
+    # ------------------------------------------------------------------ one message
+
+    def _take_message(self, message: Message) -> None:
+        source = SourceMessage.from_message(message)
+        tp = (source.topic, source.partition)
+        partition = self.partitions.get(tp)
+        if partition is None:
+            logger.warning("message of an unassigned partition ignored",
+                           extra=fields(topic=source.topic, partition=source.partition, offset=source.offset))
+            return
+        position = self.tracker.position(tp)
+        if position is not None and source.offset < position and not self.tracker.is_open(tp, source.offset):
+            logger.warning("message already done ignored",
+                           extra=fields(topic=source.topic, partition=source.partition, offset=source.offset))
+            return
+
+        work = MessageWork(source, partition)
+        items = self._parse(work)
+        work.parts = len(items)
+        logger.debug("message received", extra=fields(topic=source.topic, partition=source.partition,
+                                                       offset=source.offset, images=len(items)))
+        self.tracker.add(tp, source.offset, len(items))
+        if not items:
+            self._message_done(work)
+        for item in items:
+            partition.items.add(item)
+            if item.error is not None:
+                self._fail(item, item.error)
+            else:
+                self._start_fetch(item)
+        self._update_in_flight()
+
+    def _parse(self, work: MessageWork) -> list[WorkItem]:
+        source = work.source
+        default_id = f"{source.topic}-{source.partition}-{source.offset}"
+        try:
+            parsed = parse_message(source.value, default_id=default_id, settings=self.settings)
+        except CaptionError as error:
+            return [WorkItem(work, None, error=error)]
+        for reason in parsed.skipped:
+            self.metrics.skipped.labels(reason=reason).inc()
+        items = [
+            WorkItem(work, None, error=failure.error, failed_id=failure.id, failed_image=failure.image)
+            for failure in parsed.failures
+        ]
+        items.extend(WorkItem(work, request) for request in parsed.images)
+        return items
+
+    def _start_fetch(self, item: WorkItem) -> None:
+        future = self.fetch_pool.submit(self._fetch_and_decode, item)
+        future.add_done_callback(functools.partial(self._on_future_done, FETCHED, item))
+
+    def _fetch_and_decode(self, item: WorkItem) -> Any:
+        """Download and decode one image; runs in a fetch thread."""
+        from worker.images import decode_image
+
+        assert item.request is not None
+        fetched = self.fetcher.fetch(item.request.image)
+        item.attempts += fetched.attempts
+        item.fetch_seconds = fetched.fetch_seconds
+        decoded = decode_image(fetched.data, self.limits)
+        item.decode_seconds = decoded.decode_seconds
+        return decoded
+
+    def _on_future_done(self, stage: str, item: WorkItem, future: Future) -> None:
+        # Runs in a fetch or engine thread: hand the result to the loop's thread.
+        self.completed.put((stage, item, future))
+
+    def _after_fetch(self, item: WorkItem, future: Future) -> None:
+        try:
+            item.decoded = future.result()
+        except TransientError as error:
+            delay = item.schedule_retry()
+            self.fetch_retries.append(item)
+            logger.warning("fetch failed on an unhealthy store, will retry",
+                           extra=self._item_fields(item, error=str(error), retry_in_seconds=round(delay, 1)))
+            return
+        except CaptionError as error:
+            self._fail(item, error)
+            return
+        except Exception as error:  # noqa: BLE001 - one image must not stop the stream
+            logger.exception("fetch or decode failed unexpectedly", extra=self._item_fields(item))
+            self._fail(item, CaptionError(ErrorCode.FETCH_FAILED, f"unexpected error: {error!r}", retryable=True))
+            return
+        self.metrics.decode.observe(item.decode_seconds)
+        self.waiting.append(item)
+
+    def _submit_waiting(self) -> None:
+        """Submit decoded images to the engine in arrival order until it is full."""
+        while self.waiting:
+            item = self.waiting[0]
+            if item.partition.revoked:
+                self.waiting.popleft()
+                continue
+            assert item.request is not None and item.decoded is not None
+            options = self.options
+            if item.request.max_new_tokens is not None:
+                options = options.replace(max_new_tokens=item.request.max_new_tokens)
+            try:
+                future = self.engine.submit(item.decoded.pixels, item.request.prompt, options)
+            except EngineFull:
+                return
+            except CaptionError as error:
+                self.waiting.popleft()
+                self._fail(item, error)
+                continue
+            self.waiting.popleft()
+            item.decoded = None  # the engine keeps its own reference to the pixels
+            future.add_done_callback(functools.partial(self._on_future_done, CAPTIONED, item))
+
+    def _after_caption(self, item: WorkItem, future: Future) -> None:
+        try:
+            result = future.result()
+        except CaptionError as error:
+            self._fail(item, error)
+            return
+        except Exception as error:  # noqa: BLE001 - one image must not stop the stream
+            logger.exception("caption failed unexpectedly", extra=self._item_fields(item))
+            self._fail(item, CaptionError(ErrorCode.GENERATION_FAILED, f"unexpected error: {error!r}"))
+            return
+
+        assert item.request is not None
+        timings = {
+            "fetch": item.fetch_seconds,
+            "decode": item.decode_seconds,
+            "queue": result.queue_seconds,
+            "time_to_first_token": result.time_to_first_token_seconds,
+            "generation": result.generation_seconds,
+            "total": time.monotonic() - item.message.received_at,
+        }
+        try:
+            record = build_output_record(
+                self.settings, item.message.source, item.request, result, model=self.engine.model_name, timings=timings
+            )
+        except CaptionError as error:
+            self._fail(item, error)
+            return
+        logger.debug("image captioned", extra=self._item_fields(item, tokens=result.generated_tokens))
+        self._send(item, record)
+
+    def _fail(self, item: WorkItem, error: CaptionError) -> None:
+        """Dead-letter one image or message with the error's code."""
+        item.error = error
+        logger.warning("message failed", extra=self._item_fields(item, code=error.code.value, error=error.message))
+        record = build_error_record(
+            self.settings, item.message.source, error,
+            request_id=item.request_id, image_uri=item.image_uri, attempts=max(item.attempts, 1),
+        )
+        self._send(item, record)
+
+    def _send(self, item: WorkItem, record: OutboundRecord) -> None:
+        """Produce the record now (at-least-once), or keep it for the next transaction (exactly-once)."""
+        item.record = record
+        if not self.exactly_once:
+            self.publisher.produce(record, functools.partial(self._on_delivered, item))
+            return
+        message = item.message
+        message.finished.append(item)
+        message.dead_lettered = message.dead_lettered or item.error is not None
+        if self.tracker.finish_part(message.tp, message.offset):
+            item.partition.outbox[message.offset] = message
+            self._message_done(message)
+
+    # ------------------------------------------------------------------ deliveries
+
+    def _serve_deliveries(self) -> None:
+        self.publisher.poll(0)
+
+    def _on_delivered(self, item: WorkItem, err: KafkaError | None) -> None:
+        """Mark an acknowledged record's image done; a failed delivery is produced again later (at-least-once)."""
+        if item.partition.revoked:
+            return
+        if err is not None:
+            self._on_delivery_failed(item, err)
+            return
+        self.brokers_down = False
+        self._count_delivery(item)
+        item.partition.items.discard(item)
+        message = item.message
+        message.dead_lettered = message.dead_lettered or item.error is not None
+        if self.tracker.finish_part(message.tp, message.offset):
+            self._message_done(message)
+        self._update_in_flight()
+
+    def _on_delivery_failed(self, item: WorkItem, err: KafkaError) -> None:
+        assert item.record is not None
+        if err.code() == KafkaError.MSG_SIZE_TOO_LARGE and item.error is None:
+            error = CaptionError(ErrorCode.OUTPUT_TOO_LARGE, f"broker rejected the output record: {err.str()}")
+            self._fail(item, error)
+            return
+        # Never dead-letter or drop a record because the broker is unreachable: its offset waits.
+        delay = item.schedule_retry()
+        self.redeliveries.append(item)
+        logger.warning("delivery failed, will produce again",
+                       extra=self._item_fields(item, topic=item.record.topic, error=err.str(),
+                                               retry_in_seconds=round(delay, 1)))
+
+    def _on_delivered_in_transaction(self, item: WorkItem, err: KafkaError | None) -> None:
+        # A failed delivery fails commit_transaction, which aborts and rewinds.
+        if err is None:
+            self._count_delivery(item)
+
+    def _count_delivery(self, item: WorkItem) -> None:
+        if item.error is not None:
+            self.metrics.failures.labels(code=item.error.code.value).inc()
+        else:
+            self.metrics.captions.inc()
+        timestamp_ms = item.message.source.timestamp_ms
+        if timestamp_ms is not None:
+            self.metrics.end_to_end.observe(max(0.0, time.time() - timestamp_ms / 1000))
+
+    def _message_done(self, message: MessageWork) -> None:
+        if message.dead_lettered:
+            outcome = "dead_lettered"
+        elif message.parts:
+            outcome = "captioned"
+        else:
+            outcome = "skipped"
+        self.metrics.messages.labels(outcome=outcome).inc()
+
+    # ------------------------------------------------------------------ retries and outages
+
+    def _retry_due_fetches(self) -> None:
+        now = time.monotonic()
+        due = [item for item in self.fetch_retries if item.retry_at <= now and not item.partition.revoked]
+        self.fetch_retries = [item for item in self.fetch_retries if item.retry_at > now and not item.partition.revoked]
+        for item in due:
+            self._start_fetch(item)
+
+    def _redeliver_due(self) -> None:
+        now = time.monotonic()
+        due = [item for item in self.redeliveries if item.retry_at <= now and not item.partition.revoked]
+        self.redeliveries = [item for item in self.redeliveries if item.retry_at > now and not item.partition.revoked]
+        for item in due:
+            assert item.record is not None
+            self.publisher.produce(item.record, functools.partial(self._on_delivered, item))
+
+    def _update_outages(self) -> None:
+        """Mark S3 or Kafka as down while any image or record waits for it; log each change once."""
+        self._set_outage("s3", bool(self.fetch_retries))
+        self._set_outage("kafka", self.brokers_down or bool(self.redeliveries))
+
+    def _set_outage(self, dependency: str, active: bool) -> None:
+        if active == self.health.has_outage(dependency):
+            return
+        self.health.set_outage(dependency, active)
+        if active:
+            logger.warning("outage: intake paused, worker unready", extra=fields(dependency=dependency))
+        else:
+            logger.info("outage over: intake resumed", extra=fields(dependency=dependency))
+
+    # ------------------------------------------------------------------ backpressure
+
+    def _pause_reason(self) -> str | None:
+        if self.stopping or self.fatal_error is not None:
+            return "stopping"
+        if self.health.has_outage("s3") or self.health.has_outage("kafka"):
+            return "outage"
+        if self._in_flight() >= self.settings.max_in_flight:
+            return "in-flight limit"
+        # Enough decoded images wait for the engine; fetching more would only hold memory.
+        if len(self.waiting) >= self.settings.fetch_threads:
+            return "engine full"
+        return None
+
+    def _apply_backpressure(self) -> None:
+        """Pause every assigned partition while there is no room, and resume them when there is."""
+        reason = self._pause_reason()
+        wanted = set(self.partitions) if reason else set()
+        to_pause = wanted - self.paused
+        to_resume = self.paused - wanted
+        if to_pause:
+            self.consumer.pause([TopicPartition(topic, partition) for topic, partition in to_pause])
+        if to_resume:
+            self.consumer.resume([TopicPartition(topic, partition) for topic, partition in to_resume])
+        if to_pause or to_resume:
+            # Backpressure turns on and off many times a second under full load, so only outages log at info.
+            level = logging.DEBUG if reason in (None, "in-flight limit", "engine full") else logging.INFO
+            logger.log(level, "partitions paused" if reason else "partitions resumed",
+                       extra=fields(reason=reason, partitions=len(wanted or to_resume)))
+        self.paused = wanted
+        self.metrics.paused_partitions.set(len(self.paused))
+
+    def _in_flight(self) -> int:
+        return sum(len(partition.items) for partition in self.partitions.values())
+
+    def _update_in_flight(self) -> None:
+        self.metrics.in_flight.set(self._in_flight())
+
+    def _unfinished(self, partitions: Iterable[PartitionWork]) -> int:
+        """Return the images whose record is not yet acknowledged (at-least-once) or not yet built (exactly-once)."""
+        if self.exactly_once:
+            return sum(1 for partition in partitions for item in partition.items if item.record is None)
+        return sum(len(partition.items) for partition in partitions)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _checkpoint(self, *, final: bool = False) -> None:
+        self.next_checkpoint = time.monotonic() + self.settings.commit_interval_seconds
+        if self.exactly_once:
+            self._commit_transaction()
+        else:
+            self._serve_deliveries()
+            self._commit_offsets(final=final)
+
+    def _commit_offsets(self, *, final: bool = False) -> None:
+        """Commit each partition up to its first offset not done (at-least-once).
+
+        1. Take each partition's first offset whose records are not all acknowledged;
+           so no commit can pass a delivery that is still outstanding.
+        2. Commit those offsets synchronously.
+        3. Remember the positions that the broker accepted.
+        A commit that a rebalance breaks is logged and counted, not fatal; a fatal error stops the worker.
+        """
+        positions = self.tracker.positions_to_commit()
+        if not positions:
+            return
+        accepted: list[TopicPartition] = []
+
+        def commit() -> None:
+            accepted.extend(self.consumer.commit(offsets=_topic_partitions(positions), asynchronous=False) or [])
+
+        try:
+            if final:
+                finished = _run_bounded(commit, COMMIT_TIMEOUT_SECONDS, "final-commit")
+            else:
+                commit()
+                finished = True
+        except KafkaException as exc:
+            self._on_commit_failed(exc.args[0], positions)
+            return
+        if not finished:
+            self.metrics.commits.labels(result="failed").inc()
+            return
+
+        done = {(tp.topic, tp.partition): tp.offset for tp in accepted if tp.error is None}
+        self.tracker.mark_committed(done)
+        failed = [tp for tp in accepted if tp.error is not None]
+        self.metrics.commits.labels(result="failed" if failed else "ok").inc()
+        for tp in failed:
+            logger.warning("offset commit failed", extra=fields(topic=tp.topic, partition=tp.partition,
+                                                                 offset=tp.offset, error=tp.error.str()))
+        logger.debug("offsets committed", extra=fields(positions=done))
+
+    def _on_commit_failed(self, err: KafkaError, positions: dict[TopicPartitionKey, int]) -> None:
+        self.metrics.commits.labels(result="failed").inc()
+        if err.fatal():
+            self._on_kafka_error(err)
+            return
+        kind = "rebalance" if err.code() in REBALANCE_COMMIT_ERRORS else "error"
+        logger.warning("offset commit failed", extra=fields(kind=kind, error=err.str(), positions=positions))
+
+    def _commit_transaction(self) -> None:
+        """Commit done work in one Kafka transaction (exactly-once).
+
+        1. Take each partition's first offset that is not done.
+        2. Begin a transaction and produce the records of every message before that offset.
+        3. Send those offsets to the transaction, with the consumer's group metadata.
+        4. Commit the transaction, which flushes the producer first.
+        5. Release the sent messages and remember the committed positions.
+        An abortable error aborts the transaction and rewinds the consumer to the last committed
+        offsets; any other error stops the worker with a fatal Kafka error.
+        """
+        positions = self.tracker.positions_to_commit()
+        if not positions:
+            return
+        batch = [
+            message
+            for tp, position in positions.items()
+            for offset, message in sorted(self.partitions[tp].outbox.items())
+            if offset < position
+        ]
+        producer = self.publisher.producer
+        try:
+            producer.begin_transaction()
+            for message in batch:
+                for item in message.finished:
+                    assert item.record is not None
+                    self.publisher.produce(item.record, functools.partial(self._on_delivered_in_transaction, item))
+            producer.send_offsets_to_transaction(
+                _topic_partitions(positions), self.consumer.consumer_group_metadata(), TRANSACTION_TIMEOUT_SECONDS
+            )
+            producer.commit_transaction(TRANSACTION_TIMEOUT_SECONDS)
+        except KafkaException as exc:
+            self._on_transaction_failed(exc.args[0])
+            return
+
+        for message in batch:
+            message.partition.outbox.pop(message.offset, None)
+            message.partition.items.difference_update(message.finished)
+        self.tracker.mark_committed(positions)
+        self.metrics.transactions.labels(result="committed").inc()
+        self.metrics.commits.labels(result="ok").inc()
+        self._update_in_flight()
+        logger.debug("transaction committed", extra=fields(messages=len(batch), positions=positions))
+
+    def _on_transaction_failed(self, err: KafkaError) -> None:
+        """Abort and rewind on an abortable error; treat anything else as fatal."""
+        self.metrics.commits.labels(result="failed").inc()
+        if not err.txn_requires_abort():
+            logger.error("transaction failed", extra=fields(error=err.str(), fatal=err.fatal()))
+            self._set_fatal(err)
+            return
+        logger.warning("transaction aborted, rewinding to the committed offsets", extra=fields(error=err.str()))
+        try:
+            self.publisher.producer.abort_transaction(TRANSACTION_TIMEOUT_SECONDS)
+        except KafkaException as exc:
+            self._set_fatal(exc.args[0])
+            return
+        self.metrics.transactions.labels(result="aborted").inc()
+        self._rewind_all()
+
+    def _rewind_all(self) -> None:
+        """Rewind every assigned partition after an aborted transaction.
+
+        1. Read each partition's last committed position from the tracker.
+        2. Drop the partition's work and offsets, so no late result of it is sent.
+        3. Seek the consumer back to that position, to consume the messages again.
+        """
+        for tp in list(self.partitions):
+            position = self.tracker.committed(tp)
+            self._forget(tp)
+            self.partitions[tp] = PartitionWork(tp)
+            if position is not None:
+                self._seek(tp, position)
+
+    def _rewind_to(self, message: Message) -> None:
+        self._seek((message.topic(), message.partition()), message.offset())
+
+    def _seek(self, tp: TopicPartitionKey, offset: int) -> None:
+        try:
+            self.consumer.seek(TopicPartition(tp[0], tp[1], offset))
+        except KafkaException as exc:
+            logger.warning("seek failed", extra=fields(topic=tp[0], partition=tp[1], offset=offset,
+                                                       error=exc.args[0].str()))
+
+    # ------------------------------------------------------------------ rebalances
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Take on newly assigned partitions.
+
+        1. Create empty work state for each of them.
+        2. Mark the consumer as in its group, for /readyz (also for an empty assignment).
+        The next backpressure step pauses them if the worker is still full.
+        """
+        self.metrics.rebalances.labels(kind="assign").inc()
+        for tp in _keys(partitions):
+            self.partitions[tp] = PartitionWork(tp)
+        self.metrics.assigned_partitions.set(len(self.partitions))
+        self.health.set_in_group(True)
+        logger.info("partitions assigned", extra=fields(partitions=self._names(partitions)))
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Give up revoked partitions.
+
+        1. Stop taking messages from them (pause).
+        2. Wait for their in-flight images up to drain_timeout_seconds, serving deliveries
+           (skipped while the consumer closes, because shutdown has drained already).
+        3. Commit what is done, synchronously.
+        4. Forget the rest, so that late results are neither produced nor committed; the new owner redoes them.
+        """
+        self.metrics.rebalances.labels(kind="revoke").inc()
+        revoked = [tp for tp in _keys(partitions) if tp in self.partitions]
+        logger.info("partitions revoked", extra=fields(partitions=self._names(partitions)))
+        if not revoked:
+            return
+
+        self._pause(revoked)
+
+        deadline = time.monotonic() + self.settings.drain_timeout_seconds
+        works = [self.partitions[tp] for tp in revoked]
+        while not self.closing and self._unfinished(works) and time.monotonic() < deadline:
+            self._process_completed()
+            self.publisher.poll(BUSY_POLL_SECONDS)
+        if self._unfinished(works):
+            logger.warning("revoked partitions still had work; the new owner will redo it",
+                           extra=fields(images=self._unfinished(works)))
+
+        self._checkpoint(final=self.closing)
+
+        for tp in revoked:
+            self._forget(tp)
+        self._after_partitions_removed()
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Forget lost partitions without committing, because another member may own them already."""
+        self.metrics.rebalances.labels(kind="lost").inc()
+        logger.warning("partitions lost", extra=fields(partitions=self._names(partitions)))
+        for tp in _keys(partitions):
+            self._forget(tp)
+        self._after_partitions_removed()
+
+    def _pause(self, tps: list[TopicPartitionKey]) -> None:
+        try:
+            self.consumer.pause([TopicPartition(topic, partition) for topic, partition in tps])
+        except KafkaException as exc:
+            logger.warning("pause failed", extra=fields(error=exc.args[0].str()))
+
+    def _forget(self, tp: TopicPartitionKey) -> None:
+        """Drop a partition's work and offsets; late results for it are ignored from now on."""
+        partition = self.partitions.pop(tp, None)
+        if partition is not None:
+            partition.revoked = True
+        self.tracker.forget(tp)
+        self.paused.discard(tp)
+        try:
+            self.metrics.consumer_lag.remove(str(tp[1]))
+        except KeyError:
+            pass
+
+    def _after_partitions_removed(self) -> None:
+        self.waiting = deque(item for item in self.waiting if not item.partition.revoked)
+        self.metrics.assigned_partitions.set(len(self.partitions))
+        self.metrics.paused_partitions.set(len(self.paused))
+        self._update_in_flight()
+
+    @staticmethod
+    def _names(partitions: list[TopicPartition]) -> str:
+        return ",".join(f"{tp.topic}[{tp.partition}]" for tp in partitions)
+
+    # ------------------------------------------------------------------ client callbacks
+
+    def _on_kafka_error(self, err: KafkaError) -> None:
+        """Handle a client error: fatal ones stop the worker, a broker outage pauses it."""
+        if err.fatal():
+            self._set_fatal(err)
+        elif err.code() == KafkaError._ALL_BROKERS_DOWN:
+            self.brokers_down = True
+            logger.warning("all brokers down", extra=fields(error=err.str()))
+        else:
+            logger.warning("Kafka client error", extra=fields(error=err.str(), code=err.name()))
+
+    def _set_fatal(self, err: KafkaError) -> None:
+        if self.fatal_error is None:
+            logger.error("fatal Kafka error, stopping", extra=fields(error=err.str(), code=err.name()))
+        self.fatal_error = err
+        self.health.set_fatal(err.str())
+
+    def _on_stats(self, stats_json: str) -> None:
+        """Export consumer lag per assigned partition and notice when a broker is reachable again."""
+        stats = json.loads(stats_json)
+        if any(broker.get("state") == "UP" for broker in stats.get("brokers", {}).values()):
+            self.brokers_down = False
+        topic = self.settings.input_topic
+        for name, entry in stats.get("topics", {}).get(topic, {}).get("partitions", {}).items():
+            lag = entry.get("consumer_lag", -1)
+            if (topic, int(name)) in self.partitions and lag >= 0:
+                self.metrics.consumer_lag.labels(partition=name).set(lag)
+
+    def _item_fields(self, item: WorkItem, **extra: Any) -> dict[str, Any]:
+        source = item.message.source
+        return fields(topic=source.topic, partition=source.partition, offset=source.offset,
+                      event_id=item.request_id, **extra)
+
+
+# ---------------------------------------------------------------------- command
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the streaming worker until a signal or a fatal error; return the process exit code."""
+    try:
+        settings = load_settings(args)
+    except SettingsError as error:
+        print(error, file=sys.stderr)
+        return EXIT_USAGE
+    configure_logging(settings.log_level, settings.log_format)
+    logger.info("settings", extra=fields(summary=settings.summary()))
+
+    metrics = Metrics()
+    metrics.info.info({"model": settings.model.name, "device": settings.device, "version": __version__})
+    health = HealthState(metrics, settings.max_poll_gap_seconds)
+    stop_event = threading.Event()
+    _install_signal_handlers(stop_event)
+    server = HealthServer(settings.metrics_host, settings.metrics_port, metrics, health)
+    server.start()
+    try:
+        return _run_with_server(settings, metrics, health, stop_event)
+    finally:
+        server.close()
+
+
+def _run_with_server(settings: Settings, metrics: Metrics, health: HealthState, stop_event: threading.Event) -> int:
+    from worker.engine import CaptionEngine
+    from worker.fetching import Fetcher
+
+    try:
+        engine = CaptionEngine.from_settings(settings, metrics)
+        engine.start()
+        health.set_model_loaded()
+        engine.warm_up()
+        health.set_warmed_up()
+        fetcher = Fetcher(settings, metrics)
+    except Exception:
+        logger.exception("startup failed: model or dependency could not be loaded")
+        return EXIT_STARTUP
+    logger.info("model ready", extra=fields(model=engine.model_name, device=settings.device))
+
+    try:
+        worker = Worker(settings, metrics, health, engine, fetcher, stop_event)
+    except KafkaException as exc:
+        logger.error("invalid Kafka configuration, check --kafka-option", extra=fields(error=exc.args[0].str()))
+        return EXIT_USAGE
+    try:
+        return worker.run()
+    except KafkaException as exc:
+        logger.error("Kafka call failed", extra=fields(error=exc.args[0].str()))
+        return EXIT_KAFKA_FATAL if exc.args[0].fatal() else EXIT_FAILURE
+    except Exception:
+        logger.exception("worker failed")
+        return EXIT_FAILURE
+    finally:
+        engine.close(CLOSE_TIMEOUT_SECONDS)
+        fetcher.close()
+
+
+def _install_signal_handlers(stop_event: threading.Event) -> None:
+    """Stop in order on the first SIGTERM or SIGINT; exit at once on the second."""
+
+    def handle(signum: int, _frame: object) -> None:
+        name = signal.Signals(signum).name
+        if stop_event.is_set():
+            logger.warning("second signal, exiting now", extra=fields(signal=name))
+            os._exit(EXIT_SIGNAL)
+        logger.info("signal received, shutting down", extra=fields(signal=name))
+        stop_event.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
