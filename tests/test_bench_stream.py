@@ -38,7 +38,7 @@ def caption_record(partition: int, offset: int, timestamp: float) -> OutputRecor
     return OutputRecord(topic="out", value=value, timestamp=timestamp)
 
 
-def test_rss_growth_compares_ends_of_first_and_last_window() -> None:
+def test_rss_growth_between_window_ends() -> None:
     records = [caption_record(0, i, 100.0 + i) for i in range(10)]
     sent_at = {(0, i): 99.5 + i for i in range(10)}
     samples = [(2, 1000), (5, 1100), (7, 1200), (10, 1210)]

@@ -31,21 +31,19 @@ from worker.localrun import (
     OutputReader,
     OutputRecord,
     UploadedObject,
+    RunNames,
     WorkerProcess,
     create_topics,
     delete_bucket,
     delete_topics,
-    free_port,
     http_text,
     make_s3_client,
     percentile,
     photo_paths,
     s3_event_notification,
     s3_test_event,
-    settings_environment,
-    unique_suffix,
+    start_worker,
     upload_photo,
-    worker_environment,
 )
 from worker.logs import configure_logging
 from worker.settings import DEFAULT_MODEL_DIR, Settings, SettingsError, load_settings
@@ -68,7 +66,7 @@ TINY_MODEL_NOTICE = (
 
 @dataclass
 class DemoResult:
-    """What the demo observed, for the summary table and for tests."""
+    """Observations of one demo run, for the summary table and for tests."""
 
     images: int = 0
     captions: list[dict[str, Any]] = field(default_factory=list)
@@ -141,9 +139,8 @@ def describe_record(record: OutputRecord) -> str:
 
 def run_demo(args: argparse.Namespace, settings: Settings, *, out: TextIO = sys.stdout) -> DemoResult:
     """Run the demo steps listed in the module docstring and return what was observed."""
-    suffix = unique_suffix()
-    input_topic, output_topic, dlq_topic = (f"demo-{suffix}-{kind}" for kind in ("images", "captions", "dlq"))
-    bucket = f"demo-{suffix}"
+    names = RunNames.unique("demo")
+    topics = [names.input_topic, names.output_topic, names.dlq_topic]
     result = DemoResult()
     timeout = float(getattr(args, "timeout", None) or DEFAULT_TIMEOUT_SECONDS)
     keep_stack = bool(getattr(args, "keep_stack", False))
@@ -157,44 +154,36 @@ def run_demo(args: argparse.Namespace, settings: Settings, *, out: TextIO = sys.
         result.prometheus_url = endpoints.prometheus_url
         print(f"local stack: kafka={endpoints.kafka_bootstrap} s3={endpoints.s3_endpoint}", file=out)
 
-        create_topics(endpoints.kafka_bootstrap, {input_topic: INPUT_PARTITIONS, output_topic: 1, dlq_topic: 1})
+        partitions = {names.input_topic: INPUT_PARTITIONS, names.output_topic: 1, names.dlq_topic: 1}
+        create_topics(endpoints.kafka_bootstrap, partitions)
         s3 = make_s3_client(endpoints.s3_endpoint)
-        s3.create_bucket(Bucket=bucket)
-        uploaded = [upload_photo(s3, bucket, demo_key(i, photo), photo) for i, photo in enumerate(photo_paths())]
+        s3.create_bucket(Bucket=names.bucket)
+        photos = photo_paths()
+        uploaded = [upload_photo(s3, names.bucket, demo_key(i, photo), photo) for i, photo in enumerate(photos)]
         result.images = len(uploaded) + 1
-        print(f"uploaded {len(uploaded)} photographs to s3://{bucket}/", file=out)
+        print(f"uploaded {len(uploaded)} photographs to s3://{names.bucket}/", file=out)
 
-        metrics_port = free_port()
-        overrides = settings_environment(args) | {
-            "CAPTION_INPUT_TOPIC": input_topic,
-            "CAPTION_OUTPUT_TOPIC": output_topic,
-            "CAPTION_DLQ_TOPIC": dlq_topic,
-            "CAPTION_GROUP_ID": f"demo-{suffix}",
-            "CAPTION_S3_ALLOWED_BUCKETS": bucket,
-            "CAPTION_METRICS_PORT": str(metrics_port),
-        }
-        log_path = stack.log_dir() / f"demo-worker-{suffix}.log"
-        worker = WorkerProcess(worker_environment(endpoints, overrides), log_path, metrics_port)
+        worker = start_worker(args, endpoints, names, stack.log_dir())
         result.metrics_url = f"{worker.metrics_url}/metrics"
-        stack.add_scrape_target(f"127.0.0.1:{metrics_port}")
-        print(f"worker started (pid {worker.pid}, log {log_path}); loading the model", file=out)
+        stack.add_scrape_target(worker.metrics_url.removeprefix("http://"))
+        print(f"worker started (pid {worker.pid}, log {worker.log_path}); loading the model", file=out)
         worker.wait_ready(timeout)
 
-        producer = publish_demo_events(endpoints.kafka_bootstrap, input_topic, bucket, uploaded)
-        collect_records(endpoints.kafka_bootstrap, [output_topic, dlq_topic], producer, worker, result, timeout, out)
+        producer = publish_demo_events(endpoints.kafka_bootstrap, names.input_topic, names.bucket, uploaded)
+        collect_records(endpoints.kafka_bootstrap, topics[1:], producer, worker, result, timeout, out)
         result.skipped = read_skipped_total(worker.metrics_url)
     finally:
         if worker is not None:
             result.worker_exit_code = worker.stop(WORKER_STOP_TIMEOUT_SECONDS)
         stack.remove_scrape_targets()
         if keep_stack:
-            print(f"kept the stack, topics {input_topic} {output_topic} {dlq_topic} and bucket {bucket}", file=out)
+            print(f"kept the stack, topics {' '.join(topics)} and bucket {names.bucket}", file=out)
         else:
             if not stack.started_parts and stack.endpoints is not None:
                 # The stack belongs to someone else and stays up: leave it as the demo found it.
-                delete_topics(stack.endpoints.kafka_bootstrap, [input_topic, output_topic, dlq_topic])
+                delete_topics(stack.endpoints.kafka_bootstrap, topics)
                 if s3 is not None:
-                    delete_bucket(s3, bucket)
+                    delete_bucket(s3, names.bucket)
             result.stack_stopped = stack.stop_started()
     return result
 

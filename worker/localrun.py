@@ -49,7 +49,7 @@ LOCAL_AWS_ENVIRONMENT = {
 
 
 class LocalRunError(Exception):
-    """A step of a local run failed; the message says which and what to check."""
+    """A step of a local run failed; the message names the step and what to check."""
 
 
 # ---------------------------------------------------------------- local stack
@@ -341,8 +341,8 @@ class OutputReader:
 def settings_environment(args: Any) -> dict[str, str]:
     """Return CAPTION_* variables for the settings flags given on the command line.
 
-    The worker process then runs with the same settings as the command that
-    starts it; flags it does not set keep their CAPTION_* variable or default.
+    With them the worker process runs with the flags of the command that starts it.
+    Settings without a flag keep their CAPTION_* variable or their default.
     """
     environment = {}
     for name in Settings.model_fields:
@@ -429,7 +429,7 @@ def read_proc_status_bytes(pid: int, field_name: str) -> int | None:
 
 
 def http_status(url: str, timeout: float = 2.0) -> int | None:
-    """Return the HTTP status of a GET on a loopback URL, or None when nothing answers."""
+    """Return the HTTP status of a GET on a loopback URL, or None when the connection fails."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             return response.status
@@ -548,3 +548,51 @@ class LocalStack:
             self._module.stop(tuple(stopped))
         self.started_parts = []
         return stopped
+
+
+@dataclass(frozen=True)
+class RunNames:
+    """Topic, consumer group and bucket names of one run, unique through `prefix`."""
+
+    prefix: str
+
+    @classmethod
+    def unique(cls, kind: str) -> RunNames:
+        return cls(f"{kind}-{unique_suffix()}")
+
+    @property
+    def input_topic(self) -> str:
+        return f"{self.prefix}-images"
+
+    @property
+    def output_topic(self) -> str:
+        return f"{self.prefix}-captions"
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.prefix}-dlq"
+
+    @property
+    def group(self) -> str:
+        return self.prefix
+
+    @property
+    def bucket(self) -> str:
+        return self.prefix
+
+
+def start_worker(
+    args: Any, endpoints: StackEndpoints, names: RunNames, log_dir: Path, extra: dict[str, str] | None = None
+) -> WorkerProcess:
+    """Start `caption-worker run` on the run's topics and bucket, with the command's settings flags and `extra`."""
+    metrics_port = free_port()
+    overrides = settings_environment(args) | {
+        "CAPTION_INPUT_TOPIC": names.input_topic,
+        "CAPTION_OUTPUT_TOPIC": names.output_topic,
+        "CAPTION_DLQ_TOPIC": names.dlq_topic,
+        "CAPTION_GROUP_ID": names.group,
+        "CAPTION_S3_ALLOWED_BUCKETS": names.bucket,
+        "CAPTION_METRICS_PORT": str(metrics_port),
+    }
+    overrides |= extra or {}
+    return WorkerProcess(worker_environment(endpoints, overrides), log_dir / f"{names.prefix}-worker.log", metrics_port)

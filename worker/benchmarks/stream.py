@@ -7,8 +7,8 @@ after another, never at once, so each has the machine to itself:
    CaptionEngine with the worker's scheduler settings and at most max-in-flight at once;
 2. stream: `caption-worker run` as a child process consumes N Amazon S3 event
    notifications from the local broker, fetches from the local S3 server, captions and
-   publishes; a closed-loop producer keeps at most twice max-in-flight events
-   outstanding, so the worker never waits for input and no backlog inflates latency;
+   publishes. A closed-loop producer keeps at most twice max-in-flight events
+   outstanding. So the worker always has input, and no backlog inflates latency;
 3. naive: one message at a time (poll, fetch, decode, VLMPipeline.generate, produce and
    flush, synchronous commit) on the first --naive-events events.
 Throughput is images over the seconds from the first event (or submission) to the
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import dataclasses
 import json
 import logging
 import os
@@ -43,19 +42,17 @@ from worker.localrun import (
     OutputRecord,
     StackEndpoints,
     UploadedObject,
+    RunNames,
     WorkerProcess,
     create_topics,
     delete_bucket,
     delete_topics,
-    free_port,
     make_s3_client,
     percentile,
     photo_paths,
     s3_event_notification,
-    settings_environment,
-    unique_suffix,
+    start_worker,
     upload_photo,
-    worker_environment,
 )
 from worker.logs import configure_logging
 from worker.settings import Settings, SettingsError, load_settings
@@ -159,24 +156,14 @@ def run_stream_phase(
     args: argparse.Namespace,
     settings: Settings,
     endpoints: StackEndpoints,
-    names: BenchNames,
+    names: RunNames,
     objects: list[UploadedObject],
     events: int,
     log_dir: Path,
 ) -> StreamPhaseResult:
     """Run the worker process on `events` events published by a closed-loop producer; see the module docstring."""
-    metrics_port = free_port()
-    overrides = settings_environment(args) | {
-        "CAPTION_INPUT_TOPIC": names.input_topic,
-        "CAPTION_OUTPUT_TOPIC": names.output_topic,
-        "CAPTION_DLQ_TOPIC": names.dlq_topic,
-        "CAPTION_GROUP_ID": names.group,
-        "CAPTION_S3_ALLOWED_BUCKETS": names.bucket,
-        "CAPTION_METRICS_PORT": str(metrics_port),
-        "CAPTION_MAX_NEW_TOKENS": str(settings.max_new_tokens),
-        "CAPTION_IGNORE_EOS": "true",
-    }
-    worker = WorkerProcess(worker_environment(endpoints, overrides), log_dir / f"{names.group}.log", metrics_port)
+    extra = {"CAPTION_MAX_NEW_TOKENS": str(settings.max_new_tokens), "CAPTION_IGNORE_EOS": "true"}
+    worker = start_worker(args, endpoints, names, log_dir, extra)
     try:
         worker.wait_ready(READY_TIMEOUT_SECONDS)
         producer = EventProducer(endpoints.kafka_bootstrap, names.input_topic)
@@ -260,8 +247,8 @@ def summarize_stream(
         result.latencies.append(record.timestamp - sent)
         result.latency_points.append((record.timestamp - first_event, record.timestamp - sent))
 
-    # RSS at the end of the first and of the last window of records; the window is
-    # 1,000 records, or half the run when it is shorter than 2,000.
+    # Growth compares RSS at the end of the first and of the last window of records.
+    # A window is 1,000 records, or half the run when the run is shorter than 2,000.
     result.rss_window_records = min(RSS_WINDOW_RECORDS, events // 2)
     first_window = [rss for count, rss in rss_samples if count >= result.rss_window_records]
     if first_window and rss_samples:
@@ -274,7 +261,7 @@ def summarize_stream(
 
 
 def run_naive_phase(
-    settings: Settings, endpoints: StackEndpoints, names: BenchNames, events: int, image_side: int
+    settings: Settings, endpoints: StackEndpoints, names: RunNames, events: int, image_side: int
 ) -> PhaseResult:
     """Caption the first `events` input events one at a time; see the module docstring."""
     import openvino as ov
@@ -321,7 +308,8 @@ def run_naive_phase(
             data = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
             pixels = decode_image(data, limits).pixels
             caption = pipeline.generate(settings.prompt, images=[ov.Tensor(pixels[np.newaxis])], generation_config=config)
-            producer.produce(names.naive_output_topic, value=json.dumps({"image": f"s3://{bucket}/{key}", "caption": str(caption)}))
+            output = {"image": f"s3://{bucket}/{key}", "caption": caption.texts[0]}
+            producer.produce(naive_output_topic(names), value=json.dumps(output))
             producer.flush(30.0)
             consumer.commit(message=message, asynchronous=False)
 
@@ -334,52 +322,19 @@ def run_naive_phase(
 # ---------------------------------------------------------------- the run
 
 
-@dataclass(frozen=True)
-class BenchNames:
-    """Unique topic, group and bucket names of one run."""
-
-    suffix: str
-
-    @property
-    def input_topic(self) -> str:
-        return f"bench-{self.suffix}-images"
-
-    @property
-    def output_topic(self) -> str:
-        return f"bench-{self.suffix}-captions"
-
-    @property
-    def dlq_topic(self) -> str:
-        return f"bench-{self.suffix}-dlq"
-
-    @property
-    def naive_output_topic(self) -> str:
-        return f"bench-{self.suffix}-naive-captions"
-
-    @property
-    def group(self) -> str:
-        return f"bench-{self.suffix}"
-
-    @property
-    def bucket(self) -> str:
-        return f"bench-{self.suffix}"
-
-    @property
-    def topics(self) -> list[str]:
-        return [self.input_topic, self.output_topic, self.dlq_topic, self.naive_output_topic]
+def naive_output_topic(names: RunNames) -> str:
+    return f"{names.prefix}-naive-captions"
 
 
 def run_benchmark(args: argparse.Namespace, settings: Settings, events: int, naive_events: int) -> dict[str, Any]:
     """Run the three phases on a local stack, then clean up what the run created; return the figures."""
-    names = BenchNames(unique_suffix())
+    names = RunNames.unique("bench")
+    topics = {names.input_topic: INPUT_PARTITIONS, names.output_topic: 1, names.dlq_topic: 1, naive_output_topic(names): 1}
     stack = LocalStack()
     s3 = None
     try:
         endpoints = stack.start()
-        create_topics(
-            endpoints.kafka_bootstrap,
-            {names.input_topic: INPUT_PARTITIONS, names.output_topic: 1, names.dlq_topic: 1, names.naive_output_topic: 1},
-        )
+        create_topics(endpoints.kafka_bootstrap, topics)
         s3 = make_s3_client(endpoints.s3_endpoint)
         s3.create_bucket(Bucket=names.bucket)
         objects = [upload_photo(s3, names.bucket, f"bench photos/{p.name}", p) for p in photo_paths()]
@@ -392,7 +347,7 @@ def run_benchmark(args: argparse.Namespace, settings: Settings, events: int, nai
         naive = run_naive_phase(settings, endpoints, names, naive_events, image_side)
     finally:
         if stack.endpoints is not None:
-            delete_topics(stack.endpoints.kafka_bootstrap, names.topics)
+            delete_topics(stack.endpoints.kafka_bootstrap, list(topics))
             if s3 is not None:
                 delete_bucket(s3, names.bucket)
         stack.stop_started()
@@ -508,10 +463,9 @@ def bench_stream_command(args: argparse.Namespace) -> int:
         from worker.benchmarks.plot import write_latency_plot
 
         write_latency_plot(Path(plot_path), report["latency_points"], report)
-    points = report.pop("latency_points")
+    report.pop("latency_points")
     if getattr(args, "json", False):
         print(json.dumps(report, indent=2))
     else:
         print_report(report)
-    del points
     return 0
