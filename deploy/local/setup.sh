@@ -63,4 +63,6 @@ if checker.check(enable_opt_in_dialog=False) != ConsentCheckResult.DECLINED or c
     print(f"setup: OpenVINO telemetry declined in {checker.consent_file()}")
 EOF
 
+bash deploy/local/install-helm.sh
+
 log "done"
