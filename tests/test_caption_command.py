@@ -1,0 +1,109 @@
+"""`caption-worker caption FILE...` on the tiny model and the bundled photographs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from worker.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TIMING_KEYS = {"fetch", "decode", "queue", "time_to_first_token", "generation", "total"}
+
+
+@pytest.fixture
+def bad_files(tmp_path) -> dict[str, Path]:
+    text = tmp_path / "notes.jpg"
+    text.write_text("this is not an image")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes((ROOT / "worker" / "samples" / "chelsea.jpg").read_bytes()[:2000])
+    return {"text": text, "empty": empty, "truncated": truncated, "missing": tmp_path / "missing.jpg"}
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "worker", "caption", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=env,
+    )
+
+
+def test_lines_follow_input_order_past_bad_files(tiny_model_dir, sample_photos, bad_files):
+    files = [
+        sample_photos[0],
+        bad_files["text"],
+        sample_photos[1],
+        bad_files["missing"],
+        bad_files["empty"],
+        bad_files["truncated"],
+        sample_photos[2],
+    ]
+
+    completed = _run_cli("--model", str(tiny_model_dir), "--max-new-tokens", "8", *map(str, files))
+
+    lines = [json.loads(line) for line in completed.stdout.splitlines()]
+    assert completed.returncode == 1, completed.stderr
+    assert [line["image"] for line in lines] == [str(path) for path in files]
+    assert [line.get("error", {}).get("code") for line in lines] == [
+        None,
+        "unsupported_format",
+        None,
+        "image_not_found",
+        "empty_object",
+        "corrupt_image",
+        None,
+    ]
+
+
+def test_success_line_has_caption_and_timings(tiny_model_dir, sample_photos, capsys):
+    exit_code = main(["caption", "--model", str(tiny_model_dir), "--max-new-tokens", "6", str(sample_photos[0])])
+
+    line = json.loads(capsys.readouterr().out)
+    assert exit_code == 0
+    assert line["caption"].strip()
+    assert line["model"] == tiny_model_dir.name
+    assert line["finish_reason"] in ("stop", "length")
+    assert 1 <= line["generated_tokens"] <= 6
+    assert set(line["timings"]) == TIMING_KEYS
+
+
+def test_full_engine_waits_for_room(tiny_model_dir, sample_photos, capsys):
+    files = [str(path) for path in sample_photos] * 2
+
+    exit_code = main(
+        ["caption", "--model", str(tiny_model_dir), "--max-new-tokens", "4", "--max-queued-requests", "2", *files]
+    )
+
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert exit_code == 0
+    assert [line["image"] for line in lines] == files
+    assert all("caption" in line for line in lines)
+
+
+def test_prompt_flag_changes_prompt(tiny_model_dir, sample_photos, capsys):
+    arguments = ["caption", "--model", str(tiny_model_dir), "--max-new-tokens", "12", str(sample_photos[0])]
+
+    main(arguments)
+    default_caption = json.loads(capsys.readouterr().out)["caption"]
+    main([*arguments, "--prompt", "List the colours."])
+    other_caption = json.loads(capsys.readouterr().out)["caption"]
+
+    assert other_caption != default_caption
+
+
+def test_invalid_setting_exits_with_usage_code(tiny_model_dir, sample_photos, capsys):
+    exit_code = main(["caption", "--model", str(tiny_model_dir), "--max-new-tokens", "0", str(sample_photos[0])])
+
+    assert exit_code == 2
+    assert "--max-new-tokens" in capsys.readouterr().err
