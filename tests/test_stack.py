@@ -149,6 +149,17 @@ def test_prometheus_scrapes_itself(prometheus_url):
     assert len(samples) == 1
 
 
+def test_prometheus_loads_alert_rules(prometheus_url, stack_script):
+    rule_files = sorted(stack_script.RULES_DIR.glob("*.yml"))
+    if not rule_files:
+        pytest.skip(f"no alert rules in {stack_script.RULES_DIR}: add *.yml rule files there to test their loading")
+
+    with urllib.request.urlopen(f"{prometheus_url}/api/v1/rules", timeout=5) as response:
+        groups = json.load(response)["data"]["groups"]
+
+    assert {group["file"] for group in groups} == {str(path) for path in rule_files}
+
+
 def test_stack_start_reuses_running_parts(local_stack, stack_script):
     again = stack_script.ensure_running()
 

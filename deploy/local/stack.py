@@ -210,15 +210,20 @@ def resolve_kafka_jars() -> Path:
     if shutil.which("mvn") is None:
         raise StackError("mvn not found: install Maven (Debian package maven) to resolve the Kafka jars")
     shutil.rmtree(KAFKA_LIB_DIR, ignore_errors=True)
-    subprocess.run(
+    # Output is kept for errors only, because Maven 3.8 prints bare color codes even with --quiet.
+    result = subprocess.run(
         [
-            "mvn", "--batch-mode", "--quiet", "-Dstyle.color=never", "--file", str(pom),
+            "mvn", "--batch-mode", "--quiet", "--file", str(pom),
             "dependency:copy-dependencies",
             "-DincludeScope=runtime",
             f"-DoutputDirectory={KAFKA_LIB_DIR}",
         ],
-        check=True,
+        capture_output=True,
+        text=True,
     )
+    if result.returncode != 0:
+        output = (result.stdout + result.stderr)[-4000:]
+        raise StackError(f"mvn failed to resolve the Kafka jars of {pom} (status {result.returncode}):\n{output}")
     # The copy of the POM marks a finished copy and a POM change triggers a new one.
     marker.write_text(pom.read_text())
     return KAFKA_LIB_DIR
@@ -376,7 +381,7 @@ scrape_configs:
   - job_name: prometheus
     static_configs:
       - targets: ["{HOST}:{port}"]
-  # Tests and the demo list workers here; a target group's "job" label names its job.
+  # Tests and the demo list workers here. A target group's "job" label sets its job name.
   - job_name: local-targets
     file_sd_configs:
       - files: ["{TARGETS_FILE}"]
