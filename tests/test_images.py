@@ -33,19 +33,19 @@ def noise(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
 
 
-def png_header_only(width: int, height: int) -> bytes:
-    """Build a valid 1-bit greyscale PNG header with one tiny IDAT, whatever the declared size."""
+def blank_bilevel_png(width: int, height: int) -> bytes:
+    """Build a complete all-black 1-bit PNG; its zeros compress about 1000 to 1, so huge sizes stay small."""
 
     def chunk(tag: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
 
     header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
-        + chunk(b"IEND", b"")
-    )
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte, then 8 pixels per byte
+    compressor = zlib.compressobj(9)
+    rows_per_piece = 1000
+    pieces = [compressor.compress(row * min(rows_per_piece, height - start)) for start in range(0, height, rows_per_piece)]
+    pixel_data = b"".join(pieces) + compressor.flush()
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixel_data) + chunk(b"IEND", b"")
 
 
 def expect_error(data: bytes, code: ErrorCode, limits: ImageLimits = LIMITS) -> CaptionError:
@@ -229,9 +229,9 @@ def test_non_raster_data_is_unsupported_format(data, named):
 
 
 def test_huge_png_rejected_in_bounded_memory(tmp_path):
-    # Decoding 30000 x 30000 pixels would allocate 900 MB; the header alone must decide.
+    # Decoding 30000 x 30000 pixels would fill 900 MB, one byte per pixel, so the header alone must decide.
     path = tmp_path / "huge.png"
-    path.write_bytes(png_header_only(30_000, 30_000))
+    path.write_bytes(blank_bilevel_png(30_000, 30_000))
     script = textwrap.dedent(
         f"""
         import json, resource
@@ -259,7 +259,7 @@ def test_huge_png_rejected_in_bounded_memory(tmp_path):
 
 def test_image_over_max_pixels_is_rejected_before_decoding():
     # 8000 x 8000 is under Pillow's own bomb limit, so this is the worker's check.
-    error = expect_error(png_header_only(8_000, 8_000), ErrorCode.IMAGE_TOO_LARGE)
+    error = expect_error(blank_bilevel_png(8_000, 8_000), ErrorCode.IMAGE_TOO_LARGE)
 
     assert "8000x8000" in error.message
 
@@ -316,7 +316,7 @@ def test_animated_gif_takes_first_frame_and_counts_frames():
     ],
 )
 def test_bad_dimensions_name_the_setting(size, setting):
-    error = expect_error(png_header_only(*size), ErrorCode.BAD_DIMENSIONS)
+    error = expect_error(blank_bilevel_png(*size), ErrorCode.BAD_DIMENSIONS)
 
     assert setting in error.message
 
