@@ -163,6 +163,7 @@ def test_exif_orientation_six_rotates_the_image():
     assert decoded.pixels[2, 37, 1] < 80
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")
 @pytest.mark.parametrize(
     "exif_block",
     [
