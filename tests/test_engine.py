@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import string
 import threading
 import time
@@ -258,3 +259,16 @@ def test_greedy_f32_batched_equals_sequential(tiny_model_dir):
 
     assert batched == sequential
     assert len(set(sequential)) > 1
+
+
+def test_bench_engine_prints_ratios(tiny_model_dir, capsys):
+    from worker.cli import main
+
+    exit_code = main(["bench", "engine", "--model", str(tiny_model_dir), "--images", "2", "--json"])
+
+    report = json.loads(capsys.readouterr().out)
+    assert exit_code == 0
+    assert set(report["runs"]) == {"sequential", "1", "8", "32"}
+    assert set(report["ratio_vs_sequential"]) == {"1", "8", "32"}
+    assert report["runs"]["32"]["images"] == 2
+    assert report["runs"]["sequential"]["tokens_per_second"] > 0

@@ -335,6 +335,7 @@ class CaptionEngine:
         self._drop_expired_and_cancelled()
 
         if not self._active:
+            self._clear_request_gauges()
             with self._lock:
                 if self._closing and not self._incoming:
                     return False
@@ -491,6 +492,15 @@ class CaptionEngine:
             self._metrics.running_requests.set(running)
             self._metrics.waiting_requests.set(waiting)
             self._metrics.kv_cache_usage.set(usage)
+
+    def _clear_request_gauges(self) -> None:
+        # The pipeline's figures describe its last step, which may be long past when idle.
+        if self._pipeline_metrics.get("running") or self._pipeline_metrics.get("waiting"):
+            with self._lock:
+                self._pipeline_metrics = {**self._pipeline_metrics, "running": 0, "waiting": 0}
+            if self._metrics is not None:
+                self._metrics.running_requests.set(0)
+                self._metrics.waiting_requests.set(0)
 
     def _finish_error(self, request: _Request, error: CaptionError) -> None:
         self._count("failed")
