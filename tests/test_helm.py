@@ -336,7 +336,7 @@ def test_sasl_credentials_come_from_existing_secret():
     assert {ref["parameter"] for ref in auth} == {"username", "password", "ca"}
 
 
-def test_tls_files_are_mounted_and_passed_as_kafka_options():
+def test_tls_files_become_kafka_options():
     manifests = render(CHART / "ci" / "tls-values.yaml")
     options = json.loads(config_data(manifests)["CAPTION_KAFKA_OPTION"])
     mounts = {mount["name"]: mount for mount in worker_container(manifests)["volumeMounts"]}

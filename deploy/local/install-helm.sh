@@ -2,8 +2,8 @@
 # Install the Helm CLI into <repo>/.cache/bin from the Go module proxy.
 #
 # The chart tests (tests/test_helm.py) run `helm lint` and `helm template`
-# with this binary. It builds from source with `go install`, so it needs Go
-# and a few minutes on the first run; later runs skip when the same version
+# with this binary. `go install` builds it from source, which takes a few
+# minutes on the first run. Later runs skip the build when the same version
 # is already installed.
 set -euo pipefail
 
@@ -19,7 +19,7 @@ if [[ -x "${helm_bin}" ]] && "${helm_bin}" version --template '{{.Version}}' 2>/
 fi
 
 if ! command -v go >/dev/null 2>&1; then
-    echo "error: go not found on PATH; install Go 1.25 or newer, then run $0 again" >&2
+    echo "error: go not found on PATH; install Go 1.26 or newer (required by helm ${HELM_VERSION}), then run $0 again" >&2
     exit 1
 fi
 

@@ -6,7 +6,7 @@ The model init container runs this with the worker image's Python and boto3:
 
 It reads the same S3 settings as the worker (CAPTION_S3_ENDPOINT_URL,
 CAPTION_S3_REGION, CAPTION_S3_ADDRESSING_STYLE) and the AWS SDK's usual
-credential chain. It exits 1 when the prefix holds no objects, so a wrong
+credential chain. It exits 1 when the prefix contains no objects, so a wrong
 URI stops the pod at the init container instead of at model loading.
 """
 

@@ -137,10 +137,10 @@ which toString would print in exponent form (2.62144e+07), so whole numbers prin
 {{- fail "autoscaling.keda.enabled and autoscaling.hpa.enabled are both true: enable at most one, because KEDA creates its own HPA and two HPAs would fight over the replica count" }}
 {{- end }}
 {{- if and .Values.kafka.sasl.enabled (not .Values.kafka.sasl.existingSecret) }}
-{{- fail "kafka.sasl.enabled is true but kafka.sasl.existingSecret is empty: name the Secret that holds the SASL username and password" }}
+{{- fail "kafka.sasl.enabled is true but kafka.sasl.existingSecret is empty: name the Secret that contains the SASL username and password" }}
 {{- end }}
 {{- if and .Values.kafka.tls.enabled (not .Values.kafka.tls.existingSecret) }}
-{{- fail "kafka.tls.enabled is true but kafka.tls.existingSecret is empty: name the Secret that holds the CA certificate" }}
+{{- fail "kafka.tls.enabled is true but kafka.tls.existingSecret is empty: name the Secret that contains the CA certificate" }}
 {{- end }}
 {{- if and .Values.kafka.tls.enabled (ne (empty .Values.kafka.tls.certKey) (empty .Values.kafka.tls.keyKey)) }}
 {{- fail "kafka.tls.certKey and kafka.tls.keyKey must be set together for mutual TLS" }}
@@ -149,7 +149,7 @@ which toString would print in exponent form (2.62144e+07), so whole numbers prin
 {{- fail (printf "model.source %q is invalid: use image, pvc or s3" .Values.model.source) }}
 {{- end }}
 {{- if and (eq .Values.model.source "pvc") (not .Values.model.pvc.claimName) }}
-{{- fail "model.source is pvc but model.pvc.claimName is empty: name the PersistentVolumeClaim that holds the model" }}
+{{- fail "model.source is pvc but model.pvc.claimName is empty: name the PersistentVolumeClaim that contains the model" }}
 {{- end }}
 {{- if and (eq .Values.model.source "s3") (not (hasPrefix "s3://" .Values.model.s3.uri)) }}
 {{- fail (printf "model.source is s3 but model.s3.uri %q is not an s3://bucket/prefix URI" .Values.model.s3.uri) }}
