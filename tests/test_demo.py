@@ -134,6 +134,7 @@ def test_demo_captions_photos_and_dead_letters_missing(local_stack, worker_env, 
     assert summary["skipped (test event)"] == "1"
     assert summary["worker metrics"].startswith("http://127.0.0.1:")
     assert summary["Prometheus"] == local_stack.prometheus_url
+    assert summary["captions in Prometheus"] == str(len(sample_photos))
     assert "random words" in completed.stderr
     assert "café" in completed.stdout
 

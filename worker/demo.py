@@ -14,11 +14,13 @@ the stack stays up for someone else, and stop the stack parts that step 1 starte
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import signal
 import sys
 import time
+import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +79,7 @@ class DemoResult:
     latency_p95: float | None = None
     metrics_url: str = ""
     prometheus_url: str | None = None
+    prometheus_captions: float | None = None
     worker_exit_code: int | None = None
     stack_started: list[str] = field(default_factory=list)
     stack_stopped: list[str] = field(default_factory=list)
@@ -172,6 +175,8 @@ def run_demo(args: argparse.Namespace, settings: Settings, *, out: TextIO = sys.
         producer = publish_demo_events(endpoints.kafka_bootstrap, names.input_topic, names.bucket, uploaded)
         collect_records(endpoints.kafka_bootstrap, topics[1:], producer, worker, result, timeout, out)
         result.skipped = read_skipped_total(worker.metrics_url)
+        if endpoints.prometheus_url:
+            result.prometheus_captions = wait_for_prometheus_captions(endpoints.prometheus_url, len(result.captions))
     finally:
         if worker is not None:
             result.worker_exit_code = worker.stop(WORKER_STOP_TIMEOUT_SECONDS)
@@ -262,8 +267,35 @@ def read_skipped_total(metrics_url: str) -> float | None:
     return sum(float(match.group(2)) for match in pattern.finditer(text))
 
 
+def wait_for_prometheus_captions(prometheus_url: str, expected: int, timeout: float = 15.0) -> float | None:
+    """Return caption_worker_captions_total as Prometheus scraped it, once it reaches `expected` or `timeout` passes."""
+    query = urllib.parse.urlencode({"query": "sum(caption_worker_captions_total)"})
+    deadline = time.monotonic() + timeout
+    value = None
+    while time.monotonic() < deadline:
+        try:
+            samples = json.loads(http_text(f"{prometheus_url}/api/v1/query?{query}"))["data"]["result"]
+        except (OSError, ValueError, KeyError) as exc:
+            logger.warning("querying Prometheus failed: %s", exc)
+            return None
+        if samples:
+            value = float(samples[0]["value"][1])
+            if value >= expected:
+                break
+        time.sleep(1.0)
+    return value
+
+
 def format_seconds(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f} s"
+
+
+def prometheus_location(result: DemoResult) -> str:
+    if not result.prometheus_url:
+        return "not running"
+    if "prometheus" in result.stack_stopped:
+        return f"{result.prometheus_url} (stopped with the stack; --keep-stack keeps it)"
+    return result.prometheus_url
 
 
 def print_summary(result: DemoResult, out: TextIO) -> None:
@@ -278,8 +310,9 @@ def print_summary(result: DemoResult, out: TextIO) -> None:
         ("throughput", "n/a" if result.throughput is None else f"{result.throughput:.2f} images/s"),
         ("latency p50", format_seconds(result.latency_p50)),
         ("latency p95", format_seconds(result.latency_p95)),
-        ("worker metrics", result.metrics_url),
-        ("Prometheus", result.prometheus_url or "not running"),
+        ("worker metrics", f"{result.metrics_url} (up until the demo stops the worker)"),
+        ("Prometheus", prometheus_location(result)),
+        ("captions in Prometheus", "n/a" if result.prometheus_captions is None else f"{result.prometheus_captions:.0f}"),
     ]
     width = max(len(name) for name, _ in rows)
     print("\nsummary", file=out)
@@ -290,7 +323,7 @@ def print_summary(result: DemoResult, out: TextIO) -> None:
         "broker timestamp to its output record's",
         file=out,
     )
-    if result.prometheus_url:
+    if result.prometheus_url and "prometheus" not in result.stack_stopped:
         print(f"  try {result.prometheus_url}/graph?g0.expr=caption_worker_captions_total", file=out)
 
 
@@ -323,6 +356,8 @@ def demo_command(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, previous_handler)
 
     print_summary(result, sys.stdout)
+    print(f"worker stopped with exit code {result.worker_exit_code}; stopped stack parts: "
+          f"{', '.join(result.stack_stopped) or 'none (the stack was already running)'}")
     if result.worker_exit_code != 0:
         print(f"demo failed: the worker exited with code {result.worker_exit_code} after SIGTERM", file=sys.stderr)
         return 1

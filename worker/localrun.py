@@ -591,7 +591,8 @@ def start_worker(
         "CAPTION_OUTPUT_TOPIC": names.output_topic,
         "CAPTION_DLQ_TOPIC": names.dlq_topic,
         "CAPTION_GROUP_ID": names.group,
-        "CAPTION_S3_ALLOWED_BUCKETS": names.bucket,
+        # pydantic-settings reads list settings from the environment as JSON.
+        "CAPTION_S3_ALLOWED_BUCKETS": json.dumps([names.bucket]),
         "CAPTION_METRICS_PORT": str(metrics_port),
     }
     overrides |= extra or {}

@@ -116,8 +116,8 @@ def decode_photos(settings: Settings, image_side: int) -> list[np.ndarray]:
     return [decode_image(path.read_bytes(), limits).pixels for path in photo_paths()]
 
 
-def run_engine_phase(settings: Settings, events: int) -> tuple[PhaseResult, int]:
-    """Caption `events` in-memory photographs with at most max-in-flight submitted; return it and the image side."""
+def run_engine_phase(settings: Settings, events: int) -> PhaseResult:
+    """Caption `events` in-memory photographs with at most max-in-flight submitted at once."""
     from worker.engine import CaptionEngine, GenerationOptions
 
     engine = CaptionEngine.from_settings(settings, None)
@@ -144,7 +144,7 @@ def run_engine_phase(settings: Settings, events: int) -> tuple[PhaseResult, int]
                 future.result()  # a failed caption fails the benchmark: all three must do the same work
                 latencies.append(finished_at - pending.pop(future))
         seconds = time.perf_counter() - started
-        return PhaseResult(images=events, seconds=seconds, latencies=latencies), engine.image_side
+        return PhaseResult(images=events, seconds=seconds, latencies=latencies)
     finally:
         engine.close(30.0)
 
@@ -260,25 +260,26 @@ def summarize_stream(
 # ---------------------------------------------------------------- phase 3: the naive consumer
 
 
-def run_naive_phase(
-    settings: Settings, endpoints: StackEndpoints, names: RunNames, events: int, image_side: int
-) -> PhaseResult:
+def run_naive_phase(settings: Settings, endpoints: StackEndpoints, names: RunNames, events: int) -> PhaseResult:
     """Caption the first `events` input events one at a time; see the module docstring."""
     import openvino as ov
     import openvino_genai
     from confluent_kafka import Consumer, Producer
 
+    from worker.engine import GenerationOptions, build_generation_config, device_properties, read_image_side, render_prompt
     from worker.images import ImageLimits, decode_image
 
-    pipeline = openvino_genai.VLMPipeline(str(settings.model), settings.device)
-    config = openvino_genai.GenerationConfig()
-    config.max_new_tokens = settings.max_new_tokens
-    config.ignore_eos = True
-    limits = ImageLimits.from_settings(settings, image_side)
+    # The same prompt, chat template and generation options as the engine's.
+    pipeline = openvino_genai.VLMPipeline(str(settings.model), settings.device, **device_properties(None))
+    tokenizer = pipeline.get_tokenizer()
+    prompt = render_prompt(tokenizer, settings.system_prompt, settings.prompt)
+    eos_token_id = int(tokenizer.get_eos_token_id())
+    config = build_generation_config(GenerationOptions.from_settings(settings), eos_token_id, {eos_token_id})
+    limits = ImageLimits.from_settings(settings, read_image_side(settings.model))
     s3 = make_s3_client(endpoints.s3_endpoint)
     # One generation before the clock starts, as the engine and the worker warm up too.
-    warm_image = decode_photos(settings, image_side)[0]
-    pipeline.generate(settings.prompt, images=[ov.Tensor(warm_image[np.newaxis])], generation_config=config)
+    warm_image = decode_photos(settings, limits.target_side)[0]
+    pipeline.generate(prompt, images=[ov.Tensor(warm_image[np.newaxis])], generation_config=config)
 
     consumer = Consumer(
         {
@@ -307,7 +308,7 @@ def run_naive_phase(
             bucket, key = record["bucket"]["name"], unquote_plus(record["object"]["key"])
             data = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
             pixels = decode_image(data, limits).pixels
-            caption = pipeline.generate(settings.prompt, images=[ov.Tensor(pixels[np.newaxis])], generation_config=config)
+            caption = pipeline.generate(prompt, images=[ov.Tensor(pixels[np.newaxis])], generation_config=config)
             output = {"image": f"s3://{bucket}/{key}", "caption": caption.texts[0]}
             producer.produce(naive_output_topic(names), value=json.dumps(output))
             producer.flush(30.0)
@@ -340,11 +341,11 @@ def run_benchmark(args: argparse.Namespace, settings: Settings, events: int, nai
         objects = [upload_photo(s3, names.bucket, f"bench photos/{p.name}", p) for p in photo_paths()]
 
         progress(f"engine alone: {events} images")
-        engine, image_side = run_engine_phase(settings, events)
+        engine = run_engine_phase(settings, events)
         progress(f"stream: {events} events through the worker process")
         stream = run_stream_phase(args, settings, endpoints, names, objects, events, stack.log_dir())
         progress(f"naive consumer: the first {naive_events} events, one at a time")
-        naive = run_naive_phase(settings, endpoints, names, naive_events, image_side)
+        naive = run_naive_phase(settings, endpoints, names, naive_events)
     finally:
         if stack.endpoints is not None:
             delete_topics(stack.endpoints.kafka_bootstrap, list(topics))
