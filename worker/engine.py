@@ -39,7 +39,8 @@ from worker.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-FinishReason = Literal["stop", "length", "cancelled"]
+# A deadline or a cancellation fails the future instead of returning a result.
+FinishReason = Literal["stop", "length"]
 
 # Gemma 3 ends each model turn with <end_of_turn>, but generation_config.json lists only <eos>.
 END_OF_TURN = "<end_of_turn>"
