@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The tiny random model shipped in the package, so every command runs on a fresh clone.
 # It produces random words; real captions need a real Gemma 3 OpenVINO export.
@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     output_topic: str = Field("captions", description="topic that receives one caption record per image")
     dlq_topic: str = Field("captions-dlq", description="dead-letter topic for error records")
     group_id: str = Field("caption-worker", description="Kafka consumer group")
-    kafka_option: dict[str, str] = Field(
+    kafka_option: Annotated[dict[str, str], NoDecode] = Field(
         default_factory=dict,
         description="librdkafka property as key=value, repeatable (TLS, SASL, tuning); "
         "the variable takes a JSON object",
@@ -81,7 +81,9 @@ class Settings(BaseSettings):
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass, with --do-sample")
     top_k: int = Field(0, ge=0, description="top-k sampling, 0 for no limit, with --do-sample")
     repetition_penalty: float = Field(1.0, gt=0, description="repetition penalty, 1.0 for none")
-    stop_strings: list[str] = Field(default_factory=list, description="extra stop strings, repeatable")
+    stop_strings: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="extra stop strings, repeatable"
+    )
     seed: int | None = Field(None, description="random seed for sampling")
     ignore_eos: bool = Field(
         False, description="ignore end of sequence and always generate max-new-tokens tokens, for benchmarks"
@@ -99,10 +101,10 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint URL, for MinIO and other stores")
     s3_region: str | None = Field(None, description="S3 region")
     s3_addressing_style: Literal["auto", "path", "virtual"] = Field("auto", description="S3 addressing style")
-    s3_allowed_buckets: list[str] = Field(
+    s3_allowed_buckets: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="buckets that may be read, repeatable; '*' allows all"
     )
-    allowed_schemes: list[str] = Field(
+    allowed_schemes: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["s3"], description="image URI schemes that events may use"
     )
     fetch_threads: int = Field(8, ge=1, le=256, description="threads that fetch and decode images")
@@ -136,7 +138,8 @@ class Settings(BaseSettings):
     @field_validator("s3_allowed_buckets", "allowed_schemes", "stop_strings", mode="before")
     @classmethod
     def _split_lists(cls, value: Any) -> Any:
-        # A variable may carry a JSON list or a comma-separated string.
+        # A variable may carry a JSON list or a comma-separated string. NoDecode on
+        # these fields stops pydantic-settings from requiring JSON first.
         if isinstance(value, str):
             if value.strip().startswith("["):
                 return json.loads(value)
