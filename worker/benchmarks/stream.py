@@ -97,6 +97,8 @@ class StreamPhaseResult(PhaseResult):
     rss_window_records: int = 0
     # (seconds since the first event, end-to-end latency in seconds) per caption record, for the plot.
     latency_points: list[tuple[float, float]] = field(default_factory=list)
+    # The worker's own `timings` of each caption record (fetch, decode, queue, ...), by name.
+    stage_seconds: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def rss_growth(self) -> float | None:
@@ -246,6 +248,9 @@ def summarize_stream(
             continue
         result.latencies.append(record.timestamp - sent)
         result.latency_points.append((record.timestamp - first_event, record.timestamp - sent))
+        for stage, seconds in (record.value.get("timings") or {}).items():
+            if isinstance(seconds, (int, float)):
+                result.stage_seconds.setdefault(stage, []).append(float(seconds))
 
     # Growth compares RSS at the end of the first and of the last window of records.
     # A window is 1,000 records, or half the run when the run is shorter than 2,000.
@@ -289,7 +294,8 @@ def run_naive_phase(settings: Settings, endpoints: StackEndpoints, names: RunNam
             "enable.auto.commit": False,
         }
     )
-    producer = Producer({"bootstrap.servers": endpoints.kafka_bootstrap})
+    # log_level 3 keeps librdkafka's informational lines about its own shutdown off stderr.
+    producer = Producer({"bootstrap.servers": endpoints.kafka_bootstrap, "log_level": 3})
     consumer.subscribe([names.input_topic])
     latencies: list[float] = []
     started: float | None = None
@@ -376,6 +382,7 @@ def build_report(
         "latency_p99_seconds": percentile(stream.latencies, 99),
         "engine_latency_p50_seconds": percentile(engine.latencies, 50),
         "naive_latency_p50_seconds": percentile(naive.latencies, 50),
+        "stream_stage_p50_seconds": {stage: percentile(values, 50) for stage, values in stream.stage_seconds.items()},
         "stream_captions": len(stream.latencies),
         "stream_dead_lettered": stream.dead_lettered,
         "peak_rss_bytes": stream.peak_rss_bytes,
@@ -432,6 +439,8 @@ def print_report(report: dict[str, Any]) -> None:
         f"(end of first to end of last {report['rss_window_records']} records) target < 5 %: "
         f"{target(growth, (growth if growth is not None else 1) < TARGET_RSS_GROWTH)}",
         f"dead-lettered       {report['stream_dead_lettered']:8d}",
+        "worker stages p50   "
+        + ", ".join(f"{stage} {seconds:.3f} s" for stage, seconds in report["stream_stage_p50_seconds"].items()),
     ]
     print("\n".join(lines))
 
