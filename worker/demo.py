@@ -168,7 +168,8 @@ def run_demo(args: argparse.Namespace, settings: Settings, *, out: TextIO = sys.
 
         worker = start_worker(args, endpoints, names, stack.log_dir())
         result.metrics_url = f"{worker.metrics_url}/metrics"
-        stack.add_scrape_target(worker.metrics_url.removeprefix("http://"))
+        instance = worker.metrics_url.removeprefix("http://")
+        stack.add_scrape_target(instance)
         print(f"worker started (pid {worker.pid}, log {worker.log_path}); loading the model", file=out)
         worker.wait_ready(timeout)
 
@@ -176,7 +177,9 @@ def run_demo(args: argparse.Namespace, settings: Settings, *, out: TextIO = sys.
         collect_records(endpoints.kafka_bootstrap, topics[1:], producer, worker, result, timeout, out)
         result.skipped = read_skipped_total(worker.metrics_url)
         if endpoints.prometheus_url:
-            result.prometheus_captions = wait_for_prometheus_captions(endpoints.prometheus_url, len(result.captions))
+            result.prometheus_captions = wait_for_prometheus_captions(
+                endpoints.prometheus_url, instance, len(result.captions)
+            )
     finally:
         if worker is not None:
             result.worker_exit_code = worker.stop(WORKER_STOP_TIMEOUT_SECONDS)
@@ -267,9 +270,15 @@ def read_skipped_total(metrics_url: str) -> float | None:
     return sum(float(match.group(2)) for match in pattern.finditer(text))
 
 
-def wait_for_prometheus_captions(prometheus_url: str, expected: int, timeout: float = 15.0) -> float | None:
-    """Return caption_worker_captions_total as Prometheus scraped it, once it reaches `expected` or `timeout` passes."""
-    query = urllib.parse.urlencode({"query": "sum(caption_worker_captions_total)"})
+def wait_for_prometheus_captions(
+    prometheus_url: str, instance: str, expected: int, timeout: float = 15.0
+) -> float | None:
+    """Return the worker's caption_worker_captions_total as Prometheus scraped it.
+
+    Polls until the value reaches `expected` or `timeout` seconds pass. `instance` is the
+    worker's host:port, which Prometheus puts in the instance label of its scrape target.
+    """
+    query = urllib.parse.urlencode({"query": f'caption_worker_captions_total{{instance="{instance}"}}'})
     deadline = time.monotonic() + timeout
     value = None
     while time.monotonic() < deadline:

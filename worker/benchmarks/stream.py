@@ -50,6 +50,7 @@ from worker.localrun import (
     make_s3_client,
     percentile,
     photo_paths,
+    read_proc_status_bytes,
     s3_event_notification,
     start_worker,
     upload_photo,
@@ -80,10 +81,25 @@ class PhaseResult:
     images: int
     seconds: float
     latencies: list[float] = field(default_factory=list)
+    rss_first_window_bytes: int | None = None
+    rss_last_window_bytes: int | None = None
 
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def rss_growth(self) -> float | None:
+        if not self.rss_first_window_bytes or self.rss_last_window_bytes is None:
+            return None
+        return (self.rss_last_window_bytes - self.rss_first_window_bytes) / self.rss_first_window_bytes
+
+
+@dataclass
+class EnginePhaseResult(PhaseResult):
+    """The engine phase, with the cost of decoding that the engine alone does not pay in its timed part."""
+
+    decode_seconds_per_image: float = 0.0
 
 
 @dataclass
@@ -92,19 +108,13 @@ class StreamPhaseResult(PhaseResult):
 
     dead_lettered: int = 0
     peak_rss_bytes: int | None = None
-    rss_first_window_bytes: int | None = None
-    rss_last_window_bytes: int | None = None
     rss_window_records: int = 0
+    # (records read, RSS bytes) samples of the worker process, taken every RSS_SAMPLE_SECONDS.
+    rss_samples: list[tuple[int, int]] = field(default_factory=list)
     # (seconds since the first event, end-to-end latency in seconds) per caption record, for the plot.
     latency_points: list[tuple[float, float]] = field(default_factory=list)
     # The worker's own `timings` of each caption record (fetch, decode, queue, ...), by name.
     stage_seconds: dict[str, list[float]] = field(default_factory=dict)
-
-    @property
-    def rss_growth(self) -> float | None:
-        if not self.rss_first_window_bytes or self.rss_last_window_bytes is None:
-            return None
-        return (self.rss_last_window_bytes - self.rss_first_window_bytes) / self.rss_first_window_bytes
 
 
 # ---------------------------------------------------------------- phase 1: engine alone
@@ -118,7 +128,7 @@ def decode_photos(settings: Settings, image_side: int) -> list[np.ndarray]:
     return [decode_image(path.read_bytes(), limits).pixels for path in photo_paths()]
 
 
-def run_engine_phase(settings: Settings, events: int) -> PhaseResult:
+def run_engine_phase(settings: Settings, events: int) -> EnginePhaseResult:
     """Caption `events` in-memory photographs with at most max-in-flight submitted at once."""
     from worker.engine import CaptionEngine, GenerationOptions
 
@@ -126,11 +136,16 @@ def run_engine_phase(settings: Settings, events: int) -> PhaseResult:
     engine.start()
     try:
         engine.warm_up()
+        decode_started = time.perf_counter()
         images = decode_photos(settings, engine.image_side)
+        decode_seconds = (time.perf_counter() - decode_started) / len(images)
         options = GenerationOptions.from_settings(settings)
         pending: dict[concurrent.futures.Future, float] = {}
         latencies: list[float] = []
         submitted = 0
+        # This process's RSS at the end of the first and of the last window, as for the worker.
+        window = min(RSS_WINDOW_RECORDS, events // 2)
+        rss_first_window: int | None = None
         started = time.perf_counter()
         while submitted < events or pending:
             while submitted < events and len(pending) < settings.max_in_flight:
@@ -145,8 +160,13 @@ def run_engine_phase(settings: Settings, events: int) -> PhaseResult:
             for future in done:
                 future.result()  # a failed caption fails the benchmark: all three must do the same work
                 latencies.append(finished_at - pending.pop(future))
+            if len(latencies) >= window and rss_first_window is None:
+                rss_first_window = read_proc_status_bytes(os.getpid(), "VmRSS")
         seconds = time.perf_counter() - started
-        return PhaseResult(images=events, seconds=seconds, latencies=latencies)
+        result = EnginePhaseResult(events, seconds, latencies, decode_seconds_per_image=decode_seconds)
+        result.rss_first_window_bytes = rss_first_window
+        result.rss_last_window_bytes = read_proc_status_bytes(os.getpid(), "VmRSS")
+        return result
     finally:
         engine.close(30.0)
 
@@ -254,6 +274,7 @@ def summarize_stream(
 
     # Growth compares RSS at the end of the first and of the last window of records.
     # A window is 1,000 records, or half the run when the run is shorter than 2,000.
+    result.rss_samples = rss_samples
     result.rss_window_records = min(RSS_WINDOW_RECORDS, events // 2)
     first_window = [rss for count, rss in rss_samples if count >= result.rss_window_records]
     if first_window and rss_samples:
@@ -362,7 +383,12 @@ def run_benchmark(args: argparse.Namespace, settings: Settings, events: int, nai
 
 
 def build_report(
-    settings: Settings, events: int, naive_events: int, engine: PhaseResult, stream: StreamPhaseResult, naive: PhaseResult
+    settings: Settings,
+    events: int,
+    naive_events: int,
+    engine: EnginePhaseResult,
+    stream: StreamPhaseResult,
+    naive: PhaseResult,
 ) -> dict[str, Any]:
     def ratio(numerator: float, denominator: float) -> float | None:
         return numerator / denominator if denominator > 0 else None
@@ -390,9 +416,20 @@ def build_report(
         "rss_last_window_bytes": stream.rss_last_window_bytes,
         "rss_window_records": stream.rss_window_records,
         "rss_growth": stream.rss_growth,
+        "rss_samples": thin(stream.rss_samples, 50),
+        "engine_rss_growth": engine.rss_growth,
+        "decode_seconds_per_image": engine.decode_seconds_per_image,
         "latency_points": stream.latency_points,
         "machine": machine_description(),
     }
+
+
+def thin(samples: list[Any], count: int) -> list[Any]:
+    """Return at most `count` evenly spaced items of `samples`, always with the last one."""
+    if len(samples) <= count:
+        return list(samples)
+    step = len(samples) / count
+    return [samples[int(i * step)] for i in range(count - 1)] + [samples[-1]]
 
 
 def machine_description() -> dict[str, Any]:
@@ -438,6 +475,8 @@ def print_report(report: dict[str, Any]) -> None:
         f"RSS growth          {format_optional(growth and growth * 100, '{:8.2f}')} %  "
         f"(end of first to end of last {report['rss_window_records']} records) target < 5 %: "
         f"{target(growth, (growth if growth is not None else 1) < TARGET_RSS_GROWTH)}",
+        f"engine RSS growth   {format_optional(report['engine_rss_growth'] and report['engine_rss_growth'] * 100, '{:8.2f}')} %  "
+        "(the engine alone, in this process, over the same windows)",
         f"dead-lettered       {report['stream_dead_lettered']:8d}",
         "worker stages p50   "
         + ", ".join(f"{stage} {seconds:.3f} s" for stage, seconds in report["stream_stage_p50_seconds"].items()),
