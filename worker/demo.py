@@ -55,6 +55,8 @@ logger = logging.getLogger(__name__)
 INPUT_PARTITIONS = 3
 DEFAULT_TIMEOUT_SECONDS = 600.0
 WORKER_STOP_TIMEOUT_SECONDS = 90.0
+# Captions are cut to this length on screen; the output topic has them whole.
+MAX_SHOWN_CAPTION_CHARS = 160
 
 # Folders and words for object keys, so that the events carry spaces, `+` encoding and UTF-8.
 KEY_FOLDERS = ("holiday photos", "été 2024", "Familienfotos/Großeltern")
@@ -137,7 +139,10 @@ def describe_record(record: OutputRecord) -> str:
     if record.is_error:
         error = value["error"]
         return f"dead-lettered {value.get('image') or '?'}: {error['code']}: {error['message']}"
-    return f"{value['image']}: {value['caption']!r}"
+    caption = value["caption"]
+    if len(caption) > MAX_SHOWN_CAPTION_CHARS:
+        caption = caption[: MAX_SHOWN_CAPTION_CHARS - 3] + "..."
+    return f"{value['image']}: {caption!r}"
 
 
 def run_demo(args: argparse.Namespace, settings: Settings, *, out: TextIO = sys.stdout) -> DemoResult:
