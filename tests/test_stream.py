@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,10 +20,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import boto3
 import pytest
+from botocore.config import Config
 from confluent_kafka import Consumer, Producer
 
-from worker.cli import EXIT_OK
+from worker.cli import EXIT_DRAIN_TIMEOUT, EXIT_KAFKA_FATAL, EXIT_OK, EXIT_SIGNAL
 
 # Upper bounds for waits; a healthy run finishes far sooner, and each timeout names what was missing.
 READY_TIMEOUT_SECONDS = 120.0
@@ -161,6 +164,8 @@ class Stream:
             "--drain-timeout-seconds", "30",
             "--max-in-flight", "8",
             "--fetch-threads", "2",
+            # A killed member leaves the group after this long instead of the default 45 s.
+            "--kafka-option", "session.timeout.ms=6000",
             *extra_args,
         ]
         with log_path.open("w") as log:
@@ -355,3 +360,206 @@ def test_members_join_and_leave_mid_stream(stream, sample_photos):
     assert set(stream.sent) <= set(results.sources())
     assert first.stop() == EXIT_OK
     assert third.stop() == EXIT_OK
+
+
+# ---------------------------------------------------------------- S3 outages
+
+
+class TcpProxy:
+    """A loopback TCP proxy that can refuse connections, to take a store away without losing its data."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._listener: socket.socket | None = None
+        self._connections: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        """Close the listener and every open connection, so new connections are refused."""
+        assert self._listener is not None
+        # shutdown() wakes the thread blocked in accept(); close() alone would leave it accepting.
+        self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        with self._lock:
+            for connection in self._connections:
+                connection.close()
+            self._connections.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            with self._lock:
+                self._connections.extend([client, upstream])
+            threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, target):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+@pytest.fixture
+def private_s3(tmp_path, worker_env):
+    """A moto S3 server of this test alone, behind a TcpProxy, so stopping it disturbs no other test."""
+    port = free_port()
+    log = (tmp_path / "moto.log").open("w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env=worker_env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 30
+    while http_get(f"http://127.0.0.1:{port}/")[0] != 200:
+        assert process.poll() is None, "moto server exited at startup, see moto.log"
+        assert time.monotonic() < deadline, "moto server did not answer within 30 s"
+        time.sleep(0.2)
+    proxy = TcpProxy(port)
+    proxy.start()
+    yield process, proxy
+    process.send_signal(signal.SIGCONT)
+    process.kill()
+    process.wait(10)
+    log.close()
+
+
+@pytest.fixture
+def outage_stream(kafka_bootstrap, make_topic, group_id, unique_name, worker_env, tiny_model_dir, tmp_path, private_s3):
+    _, proxy = private_s3
+    endpoint = f"http://127.0.0.1:{proxy.port}"
+    client = boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1",
+        config=Config(s3={"addressing_style": "path"}, connect_timeout=2, read_timeout=5),
+    )
+    bucket_name = unique_name("outage-bucket")
+    client.create_bucket(Bucket=bucket_name)
+    topics = Topics(make_topic(partitions=2), make_topic(), make_topic(), group_id, bucket_name)
+    env = {**worker_env, "CAPTION_MODEL": str(tiny_model_dir), "CAPTION_S3_ENDPOINT_URL": endpoint}
+    result = Stream(kafka_bootstrap, topics, env, client, tmp_path)
+    yield result
+    result.cleanup()
+    client.close()
+
+
+OUTAGE_WORKER_ARGS = ("--s3-connect-timeout-seconds", "1", "--s3-read-timeout-seconds", "2", "--s3-max-attempts", "2")
+
+
+def wait_unready(worker: WorkerProcess, timeout: float = 60.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status, body = http_get(worker.url("/readyz"))
+        if status == 503:
+            return body
+        time.sleep(0.3)
+    pytest.fail(f"worker still ready {timeout} s into the S3 outage:\n{worker.log_tail()}")
+
+
+def run_outage(stream: Stream, sample_photos, start_outage, end_outage) -> None:
+    keys = stream.put_images(sample_photos, 16)
+    stream.send([stream.own_event(key) for key in keys[:6]])
+    worker = stream.start_worker(*OUTAGE_WORKER_ARGS)
+    worker.wait_ready()
+    stream.read(until=lambda r: len(r.outputs) >= 6)
+
+    start_outage()
+    stream.send([stream.own_event(key) for key in keys[6:]])
+    reason = wait_unready(worker)
+    assert "s3" in reason
+    assert "caption_worker_ready 0.0" in http_get(worker.url("/metrics"))[1]
+    assert http_get(worker.url("/healthz"))[0] == 200, "an S3 outage must not fail the liveness probe"
+    time.sleep(3)  # long enough for several retries with backoff
+
+    end_outage()
+    results = stream.read(until=stream.covers_all_sent)
+    assert results.errors == [], f"dead-lettered during the outage: {results.errors}"
+    worker.wait_ready()
+    assert worker.stop() == EXIT_OK
+
+
+@pytest.mark.slow
+def test_unresponsive_store_pauses_then_resumes(outage_stream, private_s3, sample_photos):
+    process, _ = private_s3
+    run_outage(
+        outage_stream, sample_photos,
+        lambda: process.send_signal(signal.SIGSTOP),
+        lambda: process.send_signal(signal.SIGCONT),
+    )
+
+
+@pytest.mark.slow
+def test_refused_store_pauses_then_resumes(outage_stream, private_s3, sample_photos):
+    _, proxy = private_s3
+    run_outage(outage_stream, sample_photos, proxy.stop, proxy.start)
+
+
+def start_stuck_worker(stream: Stream, process: subprocess.Popen, *extra_args: str) -> WorkerProcess:
+    """Start a worker whose images cannot be fetched, because the store stopped answering."""
+    keys = stream.put_images([Path(__file__).parent.parent / "worker" / "samples" / "chelsea.jpg"], 4)
+    worker = stream.start_worker(*OUTAGE_WORKER_ARGS, *extra_args)
+    worker.wait_ready()
+    process.send_signal(signal.SIGSTOP)
+    stream.send([stream.own_event(key) for key in keys])
+    wait_unready(worker)
+    return worker
+
+
+@pytest.mark.slow
+def test_drain_timeout_exit_code(outage_stream, private_s3):
+    process, _ = private_s3
+    worker = start_stuck_worker(outage_stream, process, "--drain-timeout-seconds", "2")
+    assert worker.stop(signal.SIGTERM) == EXIT_DRAIN_TIMEOUT
+
+
+@pytest.mark.slow
+def test_second_signal_exits_at_once(outage_stream, private_s3):
+    process, _ = private_s3
+    worker = start_stuck_worker(outage_stream, process, "--drain-timeout-seconds", "600")
+    worker.process.send_signal(signal.SIGTERM)
+    time.sleep(1)
+    assert worker.process.poll() is None, "the first signal must wait for the drain"
+    assert worker.stop(signal.SIGTERM) == EXIT_SIGNAL
+
+
+@pytest.mark.slow
+def test_fenced_producer_is_fatal(stream, sample_photos):
+    keys = stream.put_images(sample_photos, 20)
+    transactional = ("--delivery", "exactly-once", "--transactional-id", f"{stream.topics.group}-shared")
+    first = stream.start_worker(*transactional)
+    first.wait_ready()
+    stream.send([stream.own_event(key) for key in keys[:5]])
+    stream.read(until=lambda r: len(r.outputs) >= 5)
+
+    # A second replica with the same transactional id fences the first one.
+    second = stream.start_worker(*transactional)
+    second.wait_ready()
+    stream.send([stream.own_event(key) for key in keys[5:]])
+
+    try:
+        code = first.process.wait(EXIT_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"fenced worker still running:\n{first.log_tail()}")
+    assert code == EXIT_KAFKA_FATAL
+    results = stream.read(until=stream.covers_all_sent, settle_seconds=2)
+    assert_no_duplicates(results)
+    assert second.stop() == EXIT_OK

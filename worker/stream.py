@@ -35,9 +35,12 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from worker import __version__
 from worker.cli import EXIT_DRAIN_TIMEOUT, EXIT_FAILURE, EXIT_KAFKA_FATAL, EXIT_OK, EXIT_SIGNAL, EXIT_STARTUP, EXIT_USAGE
+from worker.engine import CaptionEngine, GenerationOptions
 from worker.errors import CaptionError, EngineFull, ErrorCode, TransientError
 from worker.events import parse_message
+from worker.fetching import Fetcher
 from worker.health import HealthServer, HealthState
+from worker.images import DecodedImage, ImageLimits, decode_image
 from worker.logs import configure_logging, fields
 from worker.metrics import Metrics
 from worker.offsets import OffsetTracker
@@ -142,12 +145,9 @@ class Worker:
     """The stream loop. `run()` returns an exit code; `stop()` may be called from a signal handler."""
 
     def __init__(
-        self, settings: Settings, metrics: Metrics, health: HealthState, engine: Any, fetcher: Any,
+        self, settings: Settings, metrics: Metrics, health: HealthState, engine: CaptionEngine, fetcher: Fetcher,
         stop_event: threading.Event | None = None,
     ) -> None:
-        from worker.engine import GenerationOptions
-        from worker.images import ImageLimits
-
         self.settings = settings
         self.metrics = metrics
         self.health = health
@@ -356,10 +356,8 @@ class Worker:
         future = self.fetch_pool.submit(self._fetch_and_decode, item)
         future.add_done_callback(functools.partial(self._on_future_done, FETCHED, item))
 
-    def _fetch_and_decode(self, item: WorkItem) -> Any:
+    def _fetch_and_decode(self, item: WorkItem) -> DecodedImage:
         """Download and decode one image; runs in a fetch thread."""
-        from worker.images import decode_image
-
         assert item.request is not None
         fetched = self.fetcher.fetch(item.request.image)
         item.attempts += fetched.attempts
@@ -886,9 +884,6 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def _run_with_server(settings: Settings, metrics: Metrics, health: HealthState, stop_event: threading.Event) -> int:
-    from worker.engine import CaptionEngine
-    from worker.fetching import Fetcher
-
     try:
         engine = CaptionEngine.from_settings(settings, metrics)
         engine.start()
