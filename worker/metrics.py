@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
+from worker.errors import ErrorCode
+from worker.events import SKIP_FOLDER, SKIP_NOT_CREATED, SKIP_NULL_VALUE, SKIP_TEST_EVENT
+
 PREFIX = "caption_worker"
 
 # Fetches take milliseconds; captions on a busy CPU can take minutes.
@@ -57,6 +60,7 @@ class Metrics:
         self._define_latency(self.registry)
         self._define_engine(self.registry)
         self._define_kafka(self.registry)
+        self._start_known_labels_at_zero()
 
     def _define_flow(self, r: CollectorRegistry) -> None:
         self.messages = Counter(
@@ -83,6 +87,25 @@ class Metrics:
         self.in_flight = Gauge(f"{PREFIX}_in_flight_images", "Images being fetched, decoded or captioned", registry=r)
         self.info = Info(f"{PREFIX}_build", "Model, device and worker version", registry=r)
         self.ready = Gauge(f"{PREFIX}_ready", "1 when /readyz passes", registry=r)
+
+    def _start_known_labels_at_zero(self) -> None:
+        """Create the series of every label value known in advance, at 0.
+
+        A series that first appears with the value 1 has no increase for rate() and
+        increase(), so the first failure of a code or the first failed commit would
+        stay invisible to the dashboard and the alerts. Series scraped at 0 first do not.
+        """
+        known_labels = [
+            (self.messages, "outcome", ("captioned", "dead_lettered", "skipped")),
+            (self.failures, "code", tuple(code.value for code in ErrorCode)),
+            (self.skipped, "reason", (SKIP_TEST_EVENT, SKIP_NOT_CREATED, SKIP_FOLDER, SKIP_NULL_VALUE)),
+            (self.commits, "result", ("ok", "failed")),
+            (self.rebalances, "kind", ("assign", "revoke", "lost")),
+            (self.transactions, "result", ("committed", "aborted")),
+        ]
+        for counter, label, values in known_labels:
+            for value in values:
+                counter.labels(**{label: value})
 
     def _define_latency(self, r: CollectorRegistry) -> None:
         self.end_to_end = Histogram(
