@@ -113,9 +113,9 @@ def build_output_record(
     model: str,
     timings: dict[str, float],
 ) -> OutboundRecord:
-    """Build the caption record of one image; raise CaptionError(output_too_large) above max_output_bytes.
+    """Build the caption record of one image, or raise CaptionError(output_too_large) above max_output_bytes.
 
-    `timings` holds seconds for fetch, decode, queue,
+    `timings` contains seconds for fetch, decode, queue,
     time_to_first_token, generation and total.
     """
     payload = {

@@ -118,9 +118,9 @@ def _keys(partitions: Iterable[TopicPartition]) -> list[TopicPartitionKey]:
 
 
 def _run_bounded(target: Callable[[], object], timeout: float, name: str) -> bool:
-    """Run `target` in a daemon thread and wait up to `timeout` seconds; return False if it is still running.
+    """Run `target` in a daemon thread, wait up to `timeout` seconds, and return False if it is still running.
 
-    A Kafka call that hangs (a broker that stopped answering) then cannot keep the process alive.
+    A Kafka call that hangs because a broker stopped responding then cannot keep the process alive.
     """
     errors: list[BaseException] = []
 
@@ -142,7 +142,7 @@ def _run_bounded(target: Callable[[], object], timeout: float, name: str) -> boo
 
 
 class Worker:
-    """The stream loop. `run()` returns an exit code; `stop()` may be called from a signal handler."""
+    """The stream loop. `run()` returns an exit code, and `stop()` may be called from a signal handler."""
 
     def __init__(
         self, settings: Settings, metrics: Metrics, health: HealthState, engine: CaptionEngine, fetcher: Fetcher,
@@ -165,6 +165,9 @@ class Worker:
 
         self.partitions: dict[TopicPartitionKey, PartitionWork] = {}
         self.paused: set[TopicPartitionKey] = set()
+        # Newly assigned partitions: librdkafka keeps a pause across revoke and re-assign, so
+        # the next backpressure step resumes or pauses each of them explicitly.
+        self.newly_assigned: set[TopicPartitionKey] = set()
         self.completed: queue.SimpleQueue[tuple[str, WorkItem, Future]] = queue.SimpleQueue()
         self.waiting: deque[WorkItem] = deque()  # decoded, waiting for room in the engine
         self.fetch_retries: list[WorkItem] = []  # fetches that met an unhealthy store
@@ -187,7 +190,11 @@ class Worker:
     def run(self) -> int:
         """Subscribe, loop over poll, process and checkpoint until stopped, then shut down."""
         if self.exactly_once:
-            self.publisher.producer.init_transactions(TRANSACTION_TIMEOUT_SECONDS)
+            try:
+                self.publisher.producer.init_transactions(TRANSACTION_TIMEOUT_SECONDS)
+            except KafkaException as exc:
+                logger.error("could not initialize Kafka transactions", extra=fields(error=exc.args[0].str()))
+                return EXIT_KAFKA_FATAL if exc.args[0].fatal() else EXIT_STARTUP
         self.consumer.subscribe(
             [self.settings.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
@@ -211,8 +218,8 @@ class Worker:
            polling the consumer so that the worker stays in its group.
         3. Flush the producer.
         4. Checkpoint: commit what is done.
-        5. Close the fetch pool and the consumer; the consumer leaves the group in a
-           daemon thread joined with a timeout, so a hung close cannot keep the pod alive.
+        5. Close the fetch pool and the consumer. The consumer leaves the group in a daemon
+           thread joined with a timeout, so a hung close cannot keep the pod alive.
         After a fatal Kafka error, steps 2 to 4 are skipped because the client can do nothing more.
         """
         logger.info("shutdown: stopping intake", extra=fields(in_flight=self._in_flight()))
@@ -245,7 +252,7 @@ class Worker:
         return EXIT_OK
 
     def _drain(self, deadline: float) -> bool:
-        """Keep finishing in-flight images without taking new ones; return False if the deadline passed first."""
+        """Finish in-flight images without taking new ones, and return False if the deadline passed first."""
         logger.info("shutdown: draining", extra=fields(in_flight=self._in_flight(),
                                                         timeout_seconds=self.settings.drain_timeout_seconds))
         while self._unfinished(self.partitions.values()) and time.monotonic() < deadline:
@@ -274,7 +281,7 @@ class Worker:
             elif intake:
                 self._take_message(message)
             else:
-                # Paused partitions return no messages; one fetched before the pause is re-read by the next owner or run.
+                # A message fetched before the pause is put back by seeking to it, so it is read again later.
                 self._rewind_to(message)
 
     def _process_completed(self) -> None:
@@ -316,10 +323,11 @@ class Worker:
             return
         position = self.tracker.position(tp)
         if position is not None and source.offset < position and not self.tracker.is_open(tp, source.offset):
-            logger.warning("message already done ignored",
+            logger.warning("message before the committed position ignored",
                            extra=fields(topic=source.topic, partition=source.partition, offset=source.offset))
             return
 
+        self.brokers_down = False
         work = MessageWork(source, partition)
         items = self._parse(work)
         work.parts = len(items)
@@ -357,7 +365,7 @@ class Worker:
         future.add_done_callback(functools.partial(self._on_future_done, FETCHED, item))
 
     def _fetch_and_decode(self, item: WorkItem) -> DecodedImage:
-        """Download and decode one image; runs in a fetch thread."""
+        """Download and decode one image. Runs in a fetch thread."""
         assert item.request is not None
         fetched = self.fetcher.fetch(item.request.image)
         item.attempts += fetched.attempts
@@ -471,7 +479,7 @@ class Worker:
         self.publisher.poll(0)
 
     def _on_delivered(self, item: WorkItem, err: KafkaError | None) -> None:
-        """Mark an acknowledged record's image done; a failed delivery is produced again later (at-least-once)."""
+        """Mark an acknowledged record's image done, or schedule a failed delivery again (at-least-once)."""
         if item.partition.revoked:
             return
         if err is not None:
@@ -492,7 +500,7 @@ class Worker:
             error = CaptionError(ErrorCode.OUTPUT_TOO_LARGE, f"broker rejected the output record: {err.str()}")
             self._fail(item, error)
             return
-        # Never dead-letter or drop a record because the broker is unreachable: its offset waits.
+        # An unreachable broker is no reason to dead-letter or drop a record, so its offset waits.
         delay = item.schedule_retry()
         self.redeliveries.append(item)
         logger.warning("delivery failed, will produce again",
@@ -572,11 +580,17 @@ class Worker:
         reason = self._pause_reason()
         wanted = set(self.partitions) if reason else set()
         to_pause = wanted - self.paused
-        to_resume = self.paused - wanted
-        if to_pause:
-            self.consumer.pause([TopicPartition(topic, partition) for topic, partition in to_pause])
-        if to_resume:
-            self.consumer.resume([TopicPartition(topic, partition) for topic, partition in to_resume])
+        to_resume = (self.paused | (self.newly_assigned & set(self.partitions))) - wanted
+        try:
+            if to_pause:
+                self.consumer.pause([TopicPartition(topic, partition) for topic, partition in to_pause])
+            if to_resume:
+                self.consumer.resume([TopicPartition(topic, partition) for topic, partition in to_resume])
+        except KafkaException as exc:
+            # The partitions keep their old state, and the next loop step tries again.
+            logger.warning("pause or resume failed", extra=fields(error=exc.args[0].str()))
+            return
+        self.newly_assigned.clear()
         if to_pause or to_resume:
             # Backpressure turns on and off many times a second under full load, so only outages log at info.
             level = logging.DEBUG if reason in (None, "in-flight limit", "engine full") else logging.INFO
@@ -610,11 +624,11 @@ class Worker:
     def _commit_offsets(self, *, final: bool = False) -> None:
         """Commit each partition up to its first offset not done (at-least-once).
 
-        1. Take each partition's first offset whose records are not all acknowledged;
-           so no commit can pass a delivery that is still outstanding.
+        1. Take each partition's first offset whose records are not all acknowledged,
+           so that no commit passes a delivery that is still outstanding.
         2. Commit those offsets synchronously.
         3. Remember the positions that the broker accepted.
-        A commit that a rebalance breaks is logged and counted, not fatal; a fatal error stops the worker.
+        A commit that a rebalance breaks is logged and counted, not fatal. A fatal error stops the worker.
         """
         positions = self.tracker.positions_to_commit()
         if not positions:
@@ -663,7 +677,7 @@ class Worker:
         4. Commit the transaction, which flushes the producer first.
         5. Release the sent messages and remember the committed positions.
         An abortable error aborts the transaction and rewinds the consumer to the last committed
-        offsets; any other error stops the worker with a fatal Kafka error.
+        offsets. Any other error stops the worker as a fatal Kafka error.
         """
         positions = self.tracker.positions_to_commit()
         if not positions:
@@ -699,7 +713,7 @@ class Worker:
         logger.debug("transaction committed", extra=fields(messages=len(batch), positions=positions))
 
     def _on_transaction_failed(self, err: KafkaError) -> None:
-        """Abort and rewind on an abortable error; treat anything else as fatal."""
+        """Abort and rewind on an abortable error, and treat any other error as fatal."""
         self.metrics.commits.labels(result="failed").inc()
         if not err.txn_requires_abort():
             logger.error("transaction failed", extra=fields(error=err.str(), fatal=err.fatal()))
@@ -745,11 +759,12 @@ class Worker:
 
         1. Create empty work state for each of them.
         2. Mark the consumer as in its group, for /readyz (also for an empty assignment).
-        The next backpressure step pauses them if the worker is still full.
+        The next backpressure step pauses them if the worker is still full, and resumes them otherwise.
         """
         self.metrics.rebalances.labels(kind="assign").inc()
         for tp in _keys(partitions):
             self.partitions[tp] = PartitionWork(tp)
+            self.newly_assigned.add(tp)
         self.metrics.assigned_partitions.set(len(self.partitions))
         self.health.set_in_group(True)
         logger.info("partitions assigned", extra=fields(partitions=self._names(partitions)))
@@ -757,7 +772,8 @@ class Worker:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """Give up revoked partitions.
 
-        1. Stop taking messages from them (pause).
+        1. Stop taking messages from them: this callback runs inside poll, and after it
+           returns, messages of partitions that are not assigned are ignored.
         2. Wait for their in-flight images up to drain_timeout_seconds, serving deliveries
            (skipped while the consumer closes, because shutdown has drained already).
         3. Commit what is done, synchronously.
@@ -768,8 +784,6 @@ class Worker:
         logger.info("partitions revoked", extra=fields(partitions=self._names(partitions)))
         if not revoked:
             return
-
-        self._pause(revoked)
 
         deadline = time.monotonic() + self.settings.drain_timeout_seconds
         works = [self.partitions[tp] for tp in revoked]
@@ -794,14 +808,8 @@ class Worker:
             self._forget(tp)
         self._after_partitions_removed()
 
-    def _pause(self, tps: list[TopicPartitionKey]) -> None:
-        try:
-            self.consumer.pause([TopicPartition(topic, partition) for topic, partition in tps])
-        except KafkaException as exc:
-            logger.warning("pause failed", extra=fields(error=exc.args[0].str()))
-
     def _forget(self, tp: TopicPartitionKey) -> None:
-        """Drop a partition's work and offsets; late results for it are ignored from now on."""
+        """Drop a partition's work and offsets, so that late results for it are ignored."""
         partition = self.partitions.pop(tp, None)
         if partition is not None:
             partition.revoked = True
@@ -861,7 +869,7 @@ class Worker:
 
 
 def run_command(args: argparse.Namespace) -> int:
-    """Run the streaming worker until a signal or a fatal error; return the process exit code."""
+    """Run the streaming worker until a signal or a fatal error, and return the process exit code."""
     try:
         settings = load_settings(args)
     except SettingsError as error:
@@ -915,7 +923,7 @@ def _run_with_server(settings: Settings, metrics: Metrics, health: HealthState, 
 
 
 def _install_signal_handlers(stop_event: threading.Event) -> None:
-    """Stop in order on the first SIGTERM or SIGINT; exit at once on the second."""
+    """Stop in order on the first SIGTERM or SIGINT, and exit at once on the second."""
 
     def handle(signum: int, _frame: object) -> None:
         name = signal.Signals(signum).name
