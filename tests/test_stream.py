@@ -27,7 +27,7 @@ from confluent_kafka import Consumer, Producer
 
 from worker.cli import EXIT_DRAIN_TIMEOUT, EXIT_KAFKA_FATAL, EXIT_OK, EXIT_SIGNAL
 
-# Upper bounds for waits; a healthy run finishes far sooner, and each timeout names what was missing.
+# Upper bounds for waits. A healthy run finishes far sooner, and each timeout names what was missing.
 READY_TIMEOUT_SECONDS = 120.0
 RESULTS_TIMEOUT_SECONDS = 240.0
 EXIT_TIMEOUT_SECONDS = 90.0
@@ -230,6 +230,17 @@ def stream(kafka_bootstrap, make_topic, group_id, bucket, worker_env, s3_client,
     result.cleanup()
 
 
+def wait_for_metric(worker: WorkerProcess, text: str, timeout: float = 30.0) -> str:
+    """Return the first line of /metrics that starts with `text`, waiting for it up to `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in http_get(worker.url("/metrics"))[1].splitlines():
+            if line.startswith(text):
+                return line
+        time.sleep(0.5)
+    pytest.fail(f"metric {text} not exported within {timeout} s")
+
+
 def assert_no_duplicates(results: Results) -> None:
     counts = Counter(results.sources())
     duplicated = {source: count for source, count in counts.items() if count > 1}
@@ -252,7 +263,7 @@ def test_good_and_bad_events_flow(stream, sample_photos):
         json.dumps({"image": "http://example.invalid/x.jpg", "id": "bad-scheme"}).encode(),
     ])
     null_offset = placed[2]
-    worker = stream.start_worker()
+    worker = stream.start_worker("--kafka-option", "statistics.interval.ms=500")
     worker.wait_ready()
 
     expected = set(stream.sent) - {null_offset}
@@ -283,6 +294,7 @@ def test_good_and_bad_events_flow(stream, sample_photos):
     assert 'caption_worker_failures_total{code="image_not_found"} 1.0' in body
     assert "caption_worker_ready 1.0" in body
     assert http_get(worker.url("/healthz"))[0] == 200
+    assert wait_for_metric(worker, 'caption_worker_consumer_lag{partition="0"}')
 
     assert worker.stop() == EXIT_OK
 
@@ -514,7 +526,7 @@ def test_refused_store_pauses_then_resumes(outage_stream, private_s3, sample_pho
 
 
 def start_stuck_worker(stream: Stream, process: subprocess.Popen, *extra_args: str) -> WorkerProcess:
-    """Start a worker whose images cannot be fetched, because the store stopped answering."""
+    """Start a worker whose images cannot be fetched, because the store stopped responding."""
     keys = stream.put_images([Path(__file__).parent.parent / "worker" / "samples" / "chelsea.jpg"], 4)
     worker = stream.start_worker(*OUTAGE_WORKER_ARGS, *extra_args)
     worker.wait_ready()
