@@ -902,6 +902,7 @@ def _run_with_server(settings: Settings, metrics: Metrics, health: HealthState, 
     except Exception:
         logger.exception("startup failed: model or dependency could not be loaded")
         return EXIT_STARTUP
+    metrics.info.info({"model": engine.model_name, "device": settings.device, "version": __version__})
     logger.info("model ready", extra=fields(model=engine.model_name, device=settings.device))
 
     try:
