@@ -51,7 +51,7 @@ from worker.localrun import (
     upload_photo,
     worker_environment,
 )
-from worker.metrics import Metrics
+from worker.metrics import KAFKA_OUTAGE_ERRORS, Metrics
 from worker.settings import load_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -474,6 +474,7 @@ def test_labelled_counters_start_at_zero(observed_run):
     assert set(sample_values(text, "caption_worker_messages_total", "outcome")) == set(EXPECTED_MESSAGES)
     assert set(sample_values(text, "caption_worker_skipped_total", "reason")) >= set(EXPECTED_SKIPPED)
     assert set(sample_values(text, "caption_worker_commits_total", "result")) == {"ok", "failed"}
+    assert set(sample_values(text, "caption_worker_kafka_errors_total", "code")) >= set(KAFKA_OUTAGE_ERRORS)
 
 
 @pytest.mark.parametrize(
@@ -718,12 +719,17 @@ def test_failed_messages_are_logged_with_code(observed_run):
     assert all({"topic", "partition", "offset"} <= set(entry) for entry in failed)
 
 
-@pytest.mark.xfail(
-    reason="librdkafka prints its own log lines (`%3|...|FAIL|rdkafka#consumer-1|...`) to stderr. "
-    "A Python logger passed as `logger` in the consumer and producer configuration would route them "
-    "through the worker's log format.",
-    strict=False,
-)
+def _refused_connections(run: WorkerRun) -> float:
+    status, text = http_get(run.url("/metrics"))
+    if status != 200:
+        return 0.0
+    return sample_values(text, "caption_worker_kafka_errors_total", "code").get("_TRANSPORT", 0.0)
+
+
+# Refused connections that the refused-broker test waits for: librdkafka retries about every 50 ms.
+REFUSED_CONNECTIONS = 20
+
+
 def test_kafka_client_logs_are_json(
     local_stack, tiny_model_dir, unreachable_broker, unique_name, tmp_path
 ):
@@ -731,11 +737,22 @@ def test_kafka_client_logs_are_json(
     try:
         run.wait_for(lambda: any(entry.get("message") == "all brokers down" for entry in _json_lines(run)),
                      "the log line `all brokers down`", READY_TIMEOUT_SECONDS)
+        run.wait_for(lambda: _refused_connections(run) >= REFUSED_CONNECTIONS,
+                     f"{REFUSED_CONNECTIONS} refused connections in caption_worker_kafka_errors_total",
+                     READY_TIMEOUT_SECONDS)
+        counted = _refused_connections(run)
     finally:
         run.stop()
     not_json = [line for line in run.stderr_lines() if not _is_json_object(line)]
+    entries = _json_lines(run)
+    client_lines = [entry for entry in entries if entry.get("logger") == "librdkafka"]
+    logged_errors = [entry for entry in entries
+                     if entry.get("message") == "Kafka client error" and entry.get("code") == "_TRANSPORT"]
 
     assert not not_json, "stderr lines that are not JSON objects:\n" + "\n".join(not_json[:5])
+    assert client_lines, "no librdkafka line was logged through the worker's format"
+    assert all({"facility", "client"} <= set(entry) for entry in client_lines)
+    assert len(logged_errors) < counted, "every repeated client error was logged; repeats must be rate-limited"
 
 
 def test_lifecycle_is_logged_at_info(observed_run):

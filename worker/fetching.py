@@ -36,7 +36,7 @@ from botocore.exceptions import (
 
 from worker.errors import CaptionError, ErrorCode, TransientError
 from worker.events import IMPLEMENTED_SCHEMES, ImageRef
-from worker.logs import fields
+from worker.logs import RepeatLimiter, fields
 from worker.metrics import Metrics, s3_error_label
 from worker.settings import Settings
 
@@ -164,6 +164,8 @@ class Fetcher:
         self._client.meta.events.register("before-send.s3.GetObject", self._count_send)
         self._denied_logged_at: dict[str, float] = {}
         self._denied_lock = threading.Lock()
+        # Every fetch in flight fails the same way during an outage, and again at each retry.
+        self._log_limiter = RepeatLimiter()
 
     def fetch(self, ref: ImageRef) -> FetchedObject:
         """Download one object, retrying throttling, 5xx, connection errors and broken bodies.
@@ -319,7 +321,9 @@ class Fetcher:
 
         # Throttling pauses the stream even when the store responds, because the store signals overload.
         self._health.mark_unhealthy(ref.bucket)
-        logger.warning("S3 store unhealthy, pausing", extra=_log_fields(ref, failure.label))
+        self._log_limiter.log(logger, logging.WARNING, "S3 store unhealthy, pausing",
+                              repeat_key=(ref.bucket, failure.label),
+                              **_log_values(ref, failure.label))
         return TransientError(f"S3 store unhealthy: {failure.message}")
 
     def _probe(self, bucket: str) -> bool:
@@ -377,5 +381,9 @@ def _label_of_exception(exc: BotoCoreError) -> str:
     return type(exc).__name__
 
 
+def _log_values(ref: ImageRef, code: str) -> dict[str, Any]:
+    return {"bucket": ref.bucket, "key": ref.key, "version_id": ref.version_id, "code": code}
+
+
 def _log_fields(ref: ImageRef, code: str) -> dict[str, Any]:
-    return fields(bucket=ref.bucket, key=ref.key, version_id=ref.version_id, code=code)
+    return fields(**_log_values(ref, code))

@@ -1,7 +1,7 @@
 """Every Prometheus metric of the worker, with the prefix caption_worker_.
 
 Labels are bounded: outcomes, error codes, S3 error codes from a fixed list,
-and partition numbers of the one input topic. Never keys, ids or URIs.
+librdkafka error names (a fixed enumeration) and partition numbers of the one input topic. Never keys, ids or URIs.
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ S3_ERROR_CODES = frozenset(
         "504",
     }
 )
+
+# librdkafka error names of a broker outage, whose series start at 0. Other names appear at their first error.
+KAFKA_OUTAGE_ERRORS = ("_TRANSPORT", "_ALL_BROKERS_DOWN", "_TIMED_OUT", "_MSG_TIMED_OUT")
 
 
 def s3_error_label(code: str) -> str:
@@ -102,6 +105,7 @@ class Metrics:
             (self.commits, "result", ("ok", "failed")),
             (self.rebalances, "kind", ("assign", "revoke", "lost")),
             (self.transactions, "result", ("committed", "aborted")),
+            (self.kafka_errors, "code", KAFKA_OUTAGE_ERRORS),
         ]
         for counter, label, values in known_labels:
             for value in values:
@@ -161,6 +165,11 @@ class Metrics:
         self.transactions = Counter(
             f"{PREFIX}_transactions_total", "Kafka transactions, by result: committed or aborted", ["result"],
             registry=r,
+        )
+        self.kafka_errors = Counter(
+            f"{PREFIX}_kafka_errors_total",
+            "Errors that the Kafka clients reported to the worker, by librdkafka error name (a fixed set)",
+            ["code"], registry=r,
         )
         self.last_poll = Gauge(
             f"{PREFIX}_last_poll_timestamp_seconds", "Unix time of the consumer's last poll", registry=r

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from confluent_kafka import KafkaError, Message, Producer
 
 from worker.errors import CaptionError, ErrorCode
-from worker.logs import fields
+from worker.logs import KafkaClientLogger, RepeatLimiter
 from worker.settings import Settings
 
 if TYPE_CHECKING:
@@ -198,6 +198,8 @@ def producer_config(settings: Settings, *, error_cb: Callable[[KafkaError], None
     config.update({"enable.idempotence": True, "acks": "all"})
     if settings.delivery == "exactly-once":
         config["transactional.id"] = transactional_id(settings)
+    # librdkafka's own log lines go through the worker's log format; Publisher.poll() serves them.
+    config["logger"] = KafkaClientLogger()
     if error_cb is not None:
         config["error_cb"] = error_cb
     return config
@@ -214,6 +216,7 @@ class Publisher:
 
     def __init__(self, settings: Settings, *, error_cb: Callable[[KafkaError], None] | None = None) -> None:
         self.producer = Producer(producer_config(settings, error_cb=error_cb))
+        self._log_limiter = RepeatLimiter()
 
     def produce(self, record: OutboundRecord, on_delivery: DeliveryCallback) -> None:
         """Queue `record`; when the local queue is full, serve deliveries until there is room."""
@@ -228,7 +231,7 @@ class Publisher:
                 )
                 return
             except BufferError:
-                logger.warning("producer queue full, waiting", extra=fields(topic=record.topic))
+                self._log_limiter.log(logger, logging.WARNING, "producer queue full, waiting", topic=record.topic)
                 self.producer.poll(QUEUE_FULL_WAIT_SECONDS)
 
     def poll(self, timeout: float = 0.0) -> None:

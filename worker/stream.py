@@ -41,7 +41,7 @@ from worker.events import parse_message
 from worker.fetching import Fetcher
 from worker.health import HealthServer, HealthState
 from worker.images import DecodedImage, ImageLimits, decode_image
-from worker.logs import configure_logging, fields
+from worker.logs import KafkaClientLogger, RepeatLimiter, configure_logging, fields
 from worker.metrics import Metrics
 from worker.offsets import OffsetTracker
 from worker.pipeline import MessageWork, PartitionWork, TopicPartitionKey, WorkItem
@@ -106,6 +106,8 @@ def consumer_config(
         config["error_cb"] = error_cb
     if stats_cb is not None:
         config["stats_cb"] = stats_cb
+    # librdkafka's own log lines go through the worker's log format; consume() serves them.
+    config["logger"] = KafkaClientLogger()
     return config
 
 
@@ -157,6 +159,8 @@ class Worker:
         self.options = GenerationOptions.from_settings(settings)
         self.limits = ImageLimits.from_settings(settings, engine.image_side)
         self.stop_event = stop_event or threading.Event()
+        # Outages repeat the same warnings many times a second; metrics count each one.
+        self.log_limiter = RepeatLimiter()
 
         self.consumer = Consumer(consumer_config(settings, error_cb=self._on_kafka_error, stats_cb=self._on_stats))
         self.publisher = Publisher(settings, error_cb=self._on_kafka_error)
@@ -384,8 +388,8 @@ class Worker:
         except TransientError as error:
             delay = item.schedule_retry()
             self.fetch_retries.append(item)
-            logger.warning("fetch failed on an unhealthy store, will retry",
-                           extra=self._item_fields(item, error=str(error), retry_in_seconds=round(delay, 1)))
+            self.log_limiter.log(logger, logging.WARNING, "fetch failed on an unhealthy store, will retry",
+                                 **self._item_values(item, error=str(error), retry_in_seconds=round(delay, 1)))
             return
         except CaptionError as error:
             self._fail(item, error)
@@ -503,9 +507,10 @@ class Worker:
         # An unreachable broker is no reason to dead-letter or drop a record, so its offset waits.
         delay = item.schedule_retry()
         self.redeliveries.append(item)
-        logger.warning("delivery failed, will produce again",
-                       extra=self._item_fields(item, topic=item.record.topic, error=err.str(),
-                                               retry_in_seconds=round(delay, 1)))
+        self.log_limiter.log(logger, logging.WARNING, "delivery failed, will produce again",
+                             repeat_key=("delivery failed", err.name()),
+                             **self._item_values(item, output_topic=item.record.topic, error=err.str(),
+                                                 code=err.name(), retry_in_seconds=round(delay, 1)))
 
     def _on_delivered_in_transaction(self, item: WorkItem, err: KafkaError | None) -> None:
         # A failed delivery fails commit_transaction, which aborts and rewinds.
@@ -588,7 +593,7 @@ class Worker:
                 self.consumer.resume([TopicPartition(topic, partition) for topic, partition in to_resume])
         except KafkaException as exc:
             # The partitions keep their old state, and the next loop step tries again.
-            logger.warning("pause or resume failed", extra=fields(error=exc.args[0].str()))
+            self.log_limiter.log(logger, logging.WARNING, "pause or resume failed", error=exc.args[0].str())
             return
         self.newly_assigned.clear()
         if to_pause or to_resume:
@@ -666,7 +671,8 @@ class Worker:
             self._on_kafka_error(err)
             return
         kind = "rebalance" if err.code() in REBALANCE_COMMIT_ERRORS else "error"
-        logger.warning("offset commit failed", extra=fields(kind=kind, error=err.str(), positions=positions))
+        self.log_limiter.log(logger, logging.WARNING, "offset commit failed", repeat_key=("commit failed", err.name()),
+                             kind=kind, error=err.str(), code=err.name(), positions=positions)
 
     def _commit_transaction(self) -> None:
         """Commit done work in one Kafka transaction (exactly-once).
@@ -833,14 +839,20 @@ class Worker:
     # ------------------------------------------------------------------ client callbacks
 
     def _on_kafka_error(self, err: KafkaError) -> None:
-        """Handle a client error: fatal ones stop the worker, a broker outage pauses it."""
+        """Count a client error and handle it: fatal ones stop the worker, a broker outage pauses it.
+
+        librdkafka reports a refused connection every few tens of milliseconds, so
+        repeats of one error are logged at most every 30 s, with a count.
+        """
+        self.metrics.kafka_errors.labels(code=err.name()).inc()
         if err.fatal():
             self._set_fatal(err)
         elif err.code() == KafkaError._ALL_BROKERS_DOWN:
             self.brokers_down = True
-            logger.warning("all brokers down", extra=fields(error=err.str()))
+            self.log_limiter.log(logger, logging.WARNING, "all brokers down", error=err.str())
         else:
-            logger.warning("Kafka client error", extra=fields(error=err.str(), code=err.name()))
+            self.log_limiter.log(logger, logging.WARNING, "Kafka client error", repeat_key=("client error", err.name()),
+                                 error=err.str(), code=err.name())
 
     def _set_fatal(self, err: KafkaError) -> None:
         if self.fatal_error is None:
@@ -860,9 +872,13 @@ class Worker:
                 self.metrics.consumer_lag.labels(partition=name).set(lag)
 
     def _item_fields(self, item: WorkItem, **extra: Any) -> dict[str, Any]:
+        return fields(**self._item_values(item, **extra))
+
+    @staticmethod
+    def _item_values(item: WorkItem, **extra: Any) -> dict[str, Any]:
         source = item.message.source
-        return fields(topic=source.topic, partition=source.partition, offset=source.offset,
-                      event_id=item.request_id, **extra)
+        return dict(topic=source.topic, partition=source.partition, offset=source.offset,
+                    event_id=item.request_id, **extra)
 
 
 # ---------------------------------------------------------------------- command
