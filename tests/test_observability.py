@@ -21,9 +21,7 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,6 +31,8 @@ from typing import Any
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+
+from http_client import http_get
 
 from worker import __version__
 from worker.errors import ErrorCode
@@ -91,17 +91,6 @@ METRIC_SELECTOR = re.compile(r"\b(caption_worker_[a-z0-9_]+)\s*(\{)?")
 
 
 # ---------------------------------------------------------------- HTTP and Prometheus
-
-
-def http_get(url: str) -> tuple[int, str]:
-    """Return the status and body of a GET, with status 0 when the connection fails."""
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-    except OSError as error:
-        return 0, str(error)
 
 
 def prometheus_query(prometheus_url: str, expr: str) -> dict[str, Any]:

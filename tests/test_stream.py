@@ -14,8 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +23,9 @@ import pytest
 from botocore.config import Config
 from confluent_kafka import Consumer, Producer
 
+from http_client import http_get
 from worker.cli import EXIT_DRAIN_TIMEOUT, EXIT_KAFKA_FATAL, EXIT_OK, EXIT_SIGNAL
+from worker.localrun import free_port
 
 # Upper bounds for waits. A healthy run finishes far sooner, and each timeout names what was missing.
 READY_TIMEOUT_SECONDS = 120.0
@@ -34,22 +34,6 @@ EXIT_TIMEOUT_SECONDS = 90.0
 
 
 # ---------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def http_get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-    except OSError as error:
-        return 0, str(error)
 
 
 @dataclass

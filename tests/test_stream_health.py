@@ -1,19 +1,14 @@
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
+from http_client import http_get
 from worker.health import HealthServer, HealthState
 from worker.metrics import Metrics
 
 
 def get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
+    return http_get(f"http://127.0.0.1:{port}{path}")
 
 
 def ready_state(metrics: Metrics) -> HealthState:
