@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from worker.settings import Settings
+from worker.stream import CLOSE_TIMEOUT_SECONDS, COMMIT_TIMEOUT_SECONDS, FLUSH_TIMEOUT_SECONDS, TRANSACTION_TIMEOUT_SECONDS
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "caption-worker"
@@ -385,22 +386,44 @@ def test_containers_run_restricted():
     assert {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}} in spec["volumes"]
 
 
-def test_grace_period_exceeds_drain_timeout():
+# Seconds that the worker's shutdown steps after the drain can take: flush, final commit,
+# consumer close and engine close, 15 s each (worker/stream.py); a final transaction can take 60 s.
+SHUTDOWN_STEPS_SECONDS = FLUSH_TIMEOUT_SECONDS + COMMIT_TIMEOUT_SECONDS + 2 * CLOSE_TIMEOUT_SECONDS
+TRANSACTION_STEPS_SECONDS = SHUTDOWN_STEPS_SECONDS - COMMIT_TIMEOUT_SECONDS + 2 * TRANSACTION_TIMEOUT_SECONDS
+GRACE_MARGIN_SECONDS = 15
+
+
+def test_grace_period_covers_every_shutdown_step():
     default = render()
     longer_drain = render(set_json=("config.drainTimeoutSeconds=100.5",))
+    exactly_once = render(set_values=("config.delivery=exactly-once",))
     scheduling = render(CHART / "ci" / "scheduling-values.yaml")
 
-    assert pod_spec(default)["terminationGracePeriodSeconds"] == 60 + 30
-    assert pod_spec(longer_drain)["terminationGracePeriodSeconds"] == math.ceil(100.5) + 30
-    assert pod_spec(scheduling)["terminationGracePeriodSeconds"] > float(
-        config_data(scheduling)["CAPTION_DRAIN_TIMEOUT_SECONDS"]
+    assert pod_spec(default)["terminationGracePeriodSeconds"] == 60 + SHUTDOWN_STEPS_SECONDS + GRACE_MARGIN_SECONDS
+    assert pod_spec(longer_drain)["terminationGracePeriodSeconds"] == (
+        math.ceil(100.5) + SHUTDOWN_STEPS_SECONDS + GRACE_MARGIN_SECONDS
+    )
+    assert pod_spec(exactly_once)["terminationGracePeriodSeconds"] == (
+        60 + TRANSACTION_STEPS_SECONDS + GRACE_MARGIN_SECONDS
+    )
+    assert pod_spec(scheduling)["terminationGracePeriodSeconds"] > (
+        float(config_data(scheduling)["CAPTION_DRAIN_TIMEOUT_SECONDS"]) + SHUTDOWN_STEPS_SECONDS
     )
 
 
-def test_grace_period_not_above_drain_timeout_fails():
-    error = render_error("terminationGracePeriodSeconds=60", "config.drainTimeoutSeconds=60")
+def test_grace_period_within_shutdown_bound_fails():
+    error = render_error("terminationGracePeriodSeconds=120", "config.drainTimeoutSeconds=60")
+    longer = render(set_json=("terminationGracePeriodSeconds=121", "config.drainTimeoutSeconds=60"))
 
-    assert "terminationGracePeriodSeconds (60) must be longer than config.drainTimeoutSeconds" in error
+    assert "terminationGracePeriodSeconds (120) must be longer than config.drainTimeoutSeconds (60) plus 60 s" in error
+    assert pod_spec(longer)["terminationGracePeriodSeconds"] == 121
+
+
+def test_grace_period_within_transaction_bound_fails():
+    error = render_error("terminationGracePeriodSeconds=150", "config.drainTimeoutSeconds=60",
+                         "config.delivery=exactly-once")
+
+    assert "plus 105 s for flushing, committing and closing (165 in all)" in error
 
 
 def test_probes_check_health_endpoints():

@@ -105,13 +105,25 @@ which toString would print in exponent form (2.62144e+07), so whole numbers prin
 {{- end }}
 {{- end }}
 
-{{/* Seconds of terminationGracePeriodSeconds: set, or derived from the drain timeout. */}}
+{{/*
+Seconds that the worker's shutdown steps after the drain can take, from the timeouts in
+worker/stream.py: producer flush 15, final commit 15, consumer close 15 and engine close 15.
+With exactly-once delivery the final commit is a transaction, whose offsets and commit
+calls have 30 s each, so the steps can take 45 s more.
+*/}}
+{{- define "caption-worker.shutdownStepsSeconds" -}}
+{{- if eq .Values.config.delivery "exactly-once" }}105{{ else }}60{{ end }}
+{{- end }}
+
+{{/* Seconds of terminationGracePeriodSeconds: set, or derived from the drain timeout and the later shutdown steps. */}}
 {{- define "caption-worker.terminationGracePeriodSeconds" -}}
 {{- $drain := .Values.config.drainTimeoutSeconds | default 60 | float64 }}
+{{- $steps := include "caption-worker.shutdownStepsSeconds" . | int64 }}
+{{- $shutdown := addf $drain $steps }}
 {{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
-{{- add (ceil $drain | int64) (.Values.terminationGraceMarginSeconds | int64) }}
-{{- else if le (.Values.terminationGracePeriodSeconds | float64) $drain }}
-{{- fail (printf "terminationGracePeriodSeconds (%v) must be longer than config.drainTimeoutSeconds (%v), or the pod is killed while it drains; leave it empty to derive it" .Values.terminationGracePeriodSeconds $drain) }}
+{{- add (ceil $drain | int64) $steps (.Values.terminationGraceMarginSeconds | int64) }}
+{{- else if le (.Values.terminationGracePeriodSeconds | float64) $shutdown }}
+{{- fail (printf "terminationGracePeriodSeconds (%v) must be longer than config.drainTimeoutSeconds (%v) plus %d s for flushing, committing and closing (%v in all), or the pod can be killed before it commits; leave it empty to derive it" .Values.terminationGracePeriodSeconds $drain $steps $shutdown) }}
 {{- else }}
 {{- .Values.terminationGracePeriodSeconds | int64 }}
 {{- end }}
