@@ -25,7 +25,7 @@ from confluent_kafka import Consumer, Producer
 
 from http_client import http_get
 from worker.cli import EXIT_DRAIN_TIMEOUT, EXIT_KAFKA_FATAL, EXIT_OK, EXIT_SIGNAL
-from worker.localrun import free_port
+from worker.localrun import create_topics, free_port
 
 # Upper bounds for waits. A healthy run finishes far sooner, and each timeout names what was missing.
 READY_TIMEOUT_SECONDS = 120.0
@@ -468,7 +468,7 @@ def wait_unready(worker: WorkerProcess, timeout: float = 60.0) -> str:
         if status == 503:
             return body
         time.sleep(0.3)
-    pytest.fail(f"worker still ready {timeout} s into the S3 outage:\n{worker.log_tail()}")
+    pytest.fail(f"worker still ready {timeout} s into the outage:\n{worker.log_tail()}")
 
 
 def run_outage(stream: Stream, sample_photos, start_outage, end_outage) -> None:
@@ -559,3 +559,78 @@ def test_fenced_producer_is_fatal(stream, sample_photos):
     results = stream.read(until=stream.covers_all_sent, settle_seconds=2)
     assert_no_duplicates(results)
     assert second.stop() == EXIT_OK
+
+
+# ---------------------------------------------------------------- Kafka outages
+
+# Seconds that the broker stays away: longer than the session timeout and the socket timeout below.
+BROKER_OUTAGE_SECONDS = 15.0
+BROKER_OUTAGE_WORKER_ARGS = (
+    "--max-poll-gap-seconds", "5",
+    # A request to a frozen broker fails after this long instead of the default 60 s.
+    "--kafka-option", "socket.timeout.ms=5000",
+    # Broker state reaches the worker through statistics, once a second instead of every 10 s.
+    "--kafka-option", "statistics.interval.ms=1000",
+)
+
+
+@pytest.fixture
+def private_kafka(stack_script, unique_name):
+    """A Kafka node of this test alone (deploy/local/stack.py KafkaNode), which it may stop, freeze and restart."""
+    node = stack_script.KafkaNode(unique_name("private-kafka"))
+    node.start()
+    yield node
+    node.remove()
+
+
+@pytest.fixture
+def broker_outage_stream(private_kafka, unique_name, group_id, bucket, worker_env, s3_client, tiny_model_dir, tmp_path):
+    topics = Topics(unique_name("outage-images"), unique_name("outage-captions"), unique_name("outage-dlq"),
+                    group_id, bucket)
+    create_topics(private_kafka.bootstrap, {topics.input: 2, topics.output: 1, topics.dlq: 1})
+    env = {**worker_env, "CAPTION_MODEL": str(tiny_model_dir), "CAPTION_BOOTSTRAP_SERVERS": private_kafka.bootstrap}
+    result = Stream(private_kafka.bootstrap, topics, env, s3_client, tmp_path)
+    yield result
+    result.cleanup()
+
+
+def hold_outage(worker: WorkerProcess, seconds: float) -> list[tuple[int, str]]:
+    """Return the /healthz responses, one every half second, while the outage lasts `seconds`."""
+    responses = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        responses.append(http_get(worker.url("/healthz")))
+        time.sleep(0.5)
+    return responses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["stopped", "frozen"])
+def test_broker_outage_pauses_then_resumes(broker_outage_stream, private_kafka, sample_photos, kind):
+    stream = broker_outage_stream
+    keys = stream.put_images(sample_photos, 40)
+    stream.send([stream.own_event(key) for key in keys])
+    worker = stream.start_worker(*BROKER_OUTAGE_WORKER_ARGS)
+    worker.wait_ready()
+    stream.read(until=lambda r: len(r.outputs) >= 5)
+
+    if kind == "stopped":
+        private_kafka.stop()
+    else:
+        private_kafka.pause()
+    reason = wait_unready(worker)
+    healthz = hold_outage(worker, BROKER_OUTAGE_SECONDS)
+    still_unready = http_get(worker.url("/readyz"))
+    if kind == "stopped":
+        private_kafka.start()
+    else:
+        private_kafka.resume()
+
+    assert "kafka" in reason
+    assert still_unready[0] == 503
+    assert all(response == (200, "ok\n") for response in healthz), f"/healthz failed during the outage: {healthz}"
+    results = stream.read(until=stream.covers_all_sent)
+    assert results.errors == [], f"dead-lettered during the outage: {results.errors}"
+    assert set(stream.sent) <= set(results.sources())
+    worker.wait_ready()
+    assert worker.stop() == EXIT_OK

@@ -17,7 +17,8 @@ bucket and time series.
   every second), and loads alert rules from `deploy/prometheus/rules/*.yml`.
 
 Other code imports this file by path and calls `ensure_running()` for the
-endpoints, or `stop_all()`. Only the standard library is used, so the system
+endpoints, or `stop_all()`. A test that takes its broker away uses a `KafkaNode`
+of its own instead of the shared Kafka. Only the standard library is used, so the system
 Python can run it before the virtualenv exists.
 """
 
@@ -160,8 +161,9 @@ def _log_tail(part: str, lines: int = 20) -> str:
     return "\n".join(texts)
 
 
-def _wait_ready(part: str, process: subprocess.Popen, check: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_SECONDS[part]
+def _wait_ready(part: str, process: subprocess.Popen, check: Callable[[], bool], timeout: float | None = None) -> None:
+    timeout = READY_TIMEOUT_SECONDS[part] if timeout is None else timeout
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise StackError(f"{part} exited with status {process.returncode} while starting\n{_log_tail(part)}")
@@ -169,7 +171,7 @@ def _wait_ready(part: str, process: subprocess.Popen, check: Callable[[], bool])
             return
         time.sleep(0.3)
     _terminate(process.pid)
-    raise StackError(f"{part} did not become ready within {READY_TIMEOUT_SECONDS[part]:.0f} s\n{_log_tail(part)}")
+    raise StackError(f"{part} did not become ready within {timeout:.0f} s\n{_log_tail(part)}")
 
 
 def _terminate(pid: int) -> None:
@@ -300,21 +302,19 @@ def _receive_exactly(connection: socket.socket, size: int) -> bytes:
     return bytes(chunks)
 
 
-def _start_kafka() -> dict:
+def _prepare_kafka_node(kafka_dir: Path, port: int, controller_port: int, log_file: Path) -> list[str]:
+    """Write a node's configuration into an empty `kafka_dir`, format its storage, and return its start command."""
     lib_dir = resolve_kafka_jars()
     java = shutil.which("java")
     if java is None:
         raise StackError("java not found: install Java 17 (Debian package openjdk-17-jre-headless)")
 
-    kafka_dir = STATE_DIR / "kafka"
     data_dir = kafka_dir / "data"
-    shutil.rmtree(kafka_dir, ignore_errors=True)
     data_dir.mkdir(parents=True)
-    port, controller_port = _free_port(), _free_port()
     properties = kafka_dir / "server.properties"
     properties.write_text(_kafka_properties(port, controller_port, data_dir))
     log4j_config = kafka_dir / "log4j2.properties"
-    log4j_config.write_text(_kafka_log4j_config(LOG_DIR / "kafka.log"))
+    log4j_config.write_text(_kafka_log4j_config(log_file))
 
     java_command = [
         java, "-Xms128m", "-Xmx512m",
@@ -329,10 +329,80 @@ def _start_kafka() -> dict:
         check=True,
         stdout=subprocess.DEVNULL,
     )
-    process = _spawn("kafka", java_command + ["kafka.Kafka", str(properties)])
+    return java_command + ["kafka.Kafka", str(properties)]
+
+
+def _start_kafka() -> dict:
+    kafka_dir = STATE_DIR / "kafka"
+    shutil.rmtree(kafka_dir, ignore_errors=True)
+    port, controller_port = _free_port(), _free_port()
+    command = _prepare_kafka_node(kafka_dir, port, controller_port, LOG_DIR / "kafka.log")
+    process = _spawn("kafka", command)
     bootstrap = f"{HOST}:{port}"
     _wait_ready("kafka", process, lambda: kafka_metadata_ok(bootstrap))
-    return {"pid": process.pid, "marker": str(properties), "port": port, "controller_port": controller_port}
+    return {"pid": process.pid, "marker": command[-1], "port": port, "controller_port": controller_port}
+
+
+class KafkaNode:
+    """A one-node Kafka of its own, for a test that takes its broker away without disturbing the shared one.
+
+    The node lives in `.stack/<name>/` and logs to `.stack/logs/<name>.log`. It keeps
+    its ports and its data across `stop()` and `start()`, as a restarted broker does.
+    `pause()` and `resume()` send SIGSTOP and SIGCONT, for a broker that accepts
+    connections but stops responding. `remove()` stops it and deletes its directory.
+    """
+
+    def __init__(self, name: str) -> None:
+        if not name.startswith("private-kafka-"):
+            # The prefix keeps _log_tail("kafka") from mixing in this node's logs.
+            raise ValueError(f"KafkaNode name {name!r} must start with 'private-kafka-'")
+        self.name = name
+        self.directory = STATE_DIR / name
+        self.port = _free_port()
+        self.controller_port = _free_port()
+        self._command: list[str] | None = None
+        self._process: subprocess.Popen | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def start(self) -> None:
+        """Start the node, formatting its storage the first time, and return once it serves metadata.
+
+        NOTE: while the node is stopped another program may bind its port, and the restart then fails.
+        """
+        if self._command is None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            STATE_DIR.mkdir(parents=True, exist_ok=True)
+            self._command = _prepare_kafka_node(self.directory, self.port, self.controller_port,
+                                                LOG_DIR / f"{self.name}.log")
+        self._process = _spawn(self.name, self._command)
+        _wait_ready(self.name, self._process, lambda: kafka_metadata_ok(self.bootstrap),
+                    timeout=READY_TIMEOUT_SECONDS["kafka"])
+
+    def stop(self) -> None:
+        """Stop the node with SIGTERM (SIGKILL after STOP_TIMEOUT_SECONDS), keeping its data."""
+        if self._process is not None:
+            self.resume()
+            _terminate(self._process.pid)
+            self._process = None
+
+    def pause(self) -> None:
+        """Freeze the node with SIGSTOP, so connections stay open but no request gets a response."""
+        if self._process is not None:
+            os.killpg(self._process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self._process is not None:
+            os.killpg(self._process.pid, signal.SIGCONT)
+
+    def remove(self) -> None:
+        """Stop the node and delete its directory and log."""
+        self.stop()
+        shutil.rmtree(self.directory, ignore_errors=True)
+        (LOG_DIR / f"{self.name}.log").unlink(missing_ok=True)
+        (LOG_DIR / f"{self.name}-stdout.log").unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- S3 (moto)
