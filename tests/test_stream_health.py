@@ -70,6 +70,15 @@ def test_poll_gap_fails_liveness(monkeypatch):
     assert "no poll" in state.liveness_problem()
 
 
+def test_poll_gap_fails_readiness(monkeypatch):
+    state = ready_state(Metrics())
+    assert state.readiness_problem() is None
+    now = time.monotonic()
+    monkeypatch.setattr("worker.health.time.monotonic", lambda: now + 61)
+
+    assert state.readiness_problem() == "no poll for 61 s (limit 60 s)"
+
+
 def test_server_probes_and_metrics(server):
     health_server, state, metrics = server
     port = health_server.port

@@ -3,7 +3,8 @@
 /healthz fails when the worker is wedged: the consumer has not polled for more
 than max_poll_gap_seconds, or the Kafka client reported a fatal error. /readyz
 passes only once the model is loaded, a warm-up caption succeeded and the
-consumer is in its group, and fails again during an outage of S3 or the broker.
+consumer is in its group, and fails again while the worker is wedged, out of its
+group after a session timeout, or in an outage of S3 or the broker.
 """
 
 from __future__ import annotations
@@ -95,6 +96,10 @@ class HealthState:
                 return "warm-up caption not done"
             if not self._in_group:
                 return "consumer not in its group"
+            # A loop that stopped polling (blocked in a call to an unresponsive broker) is not ready either.
+            gap = time.monotonic() - self._last_poll
+            if gap > self._max_poll_gap_seconds:
+                return f"no poll for {gap:.0f} s (limit {self._max_poll_gap_seconds:g} s)"
             if self._outages:
                 return "outage of " + ", ".join(sorted(self._outages))
         return None

@@ -312,6 +312,11 @@ class Worker:
         # With transactions, built records count as in flight until a checkpoint sends them.
         if self.exactly_once and self._in_flight() >= self.settings.max_in_flight:
             due = due or any(partition.outbox for partition in self.partitions.values())
+        if due and self.health.has_outage("kafka"):
+            # A synchronous commit would block the loop, and its polls, until the coordinator
+            # is back or the session times out. The offsets wait for the first checkpoint after the outage.
+            self.next_checkpoint = time.monotonic() + self.settings.commit_interval_seconds
+            return
         if due:
             self._checkpoint()
 
@@ -647,6 +652,8 @@ class Worker:
             if final:
                 finished = _run_bounded(commit, COMMIT_TIMEOUT_SECONDS, "final-commit")
             else:
+                # NOTE: this commit has no timeout. A coordinator that stops responding
+                # blocks it, and the loop, until the broker is back (see docs/delivery.md, Outages).
                 commit()
                 finished = True
         except KafkaException as exc:
@@ -807,8 +814,12 @@ class Worker:
         self._after_partitions_removed()
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """Forget lost partitions without committing, because another member may own them already."""
+        """Forget lost partitions without committing, because another member may own them already.
+
+        The session timed out, so the consumer is out of its group and /readyz fails until the next assignment.
+        """
         self.metrics.rebalances.labels(kind="lost").inc()
+        self.health.set_in_group(False)
         logger.warning("partitions lost", extra=fields(partitions=self._names(partitions)))
         for tp in _keys(partitions):
             self._forget(tp)
