@@ -22,6 +22,9 @@ import boto3
 import pytest
 from botocore.config import Config
 from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import (
+    AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource, NewTopic, ResourceType,
+)
 
 from http_client import http_get
 from worker.cli import EXIT_DRAIN_TIMEOUT, EXIT_KAFKA_FATAL, EXIT_OK, EXIT_SIGNAL
@@ -639,4 +642,56 @@ def test_broker_outage_pauses_then_resumes(broker_outage_stream, private_kafka, 
     assert results.errors == [], f"dead-lettered during the outage: {results.errors}"
     assert set(stream.sent) <= set(results.sources())
     worker.wait_ready()
+    assert worker.stop() == EXIT_OK
+
+
+# ---------------------------------------------------------------- exactly-once abort
+
+
+def create_topic_with_config(bootstrap: str, name: str, config: dict[str, str]) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    futures = admin.create_topics([NewTopic(name, num_partitions=1, replication_factor=1, config=config)])
+    futures[name].result(timeout=30)
+
+
+def set_topic_config(bootstrap: str, name: str, key: str, value: str) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    entry = ConfigEntry(key, value, incremental_operation=AlterConfigOpType.SET)
+    futures = admin.incremental_alter_configs([ConfigResource(ResourceType.TOPIC, name, incremental_configs=[entry])])
+    for future in futures.values():
+        future.result(timeout=30)
+
+
+def metric_value(worker: WorkerProcess, sample: str) -> float:
+    for line in http_get(worker.url("/metrics"))[1].splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+@pytest.mark.slow
+def test_aborted_transaction_rewinds_and_recovers(stream, sample_photos, unique_name):
+    # The broker rejects every output record while the topic's limit is 100 bytes, which fails
+    # the transaction; raising the limit lets the rewound messages through.
+    output_topic = unique_name("small-captions")
+    create_topic_with_config(stream.bootstrap, output_topic, {"max.message.bytes": "100"})
+    stream.topics.output = output_topic
+    keys = stream.put_images(sample_photos, 6)
+    stream.send([stream.own_event(key) for key in keys])
+    worker = stream.start_worker("--delivery", "exactly-once", "--transactional-id", f"{stream.topics.group}-0")
+    worker.wait_ready()
+
+    deadline = time.monotonic() + RESULTS_TIMEOUT_SECONDS
+    aborted = 'caption_worker_transactions_total{result="aborted"}'
+    while metric_value(worker, aborted) < 1:
+        assert worker.process.poll() is None, f"worker exited with {worker.process.returncode}:\n{worker.log_tail()}"
+        assert time.monotonic() < deadline, f"no transaction aborted within {RESULTS_TIMEOUT_SECONDS} s:\n{worker.log_tail()}"
+        time.sleep(0.5)
+    set_topic_config(stream.bootstrap, output_topic, "max.message.bytes", "1048588")
+    results = stream.read(until=stream.covers_all_sent, settle_seconds=3)
+
+    assert results.errors == []
+    assert_no_duplicates(results)
+    assert worker.process.poll() is None, "an abortable error must not stop the worker"
+    assert metric_value(worker, 'caption_worker_transactions_total{result="committed"}') >= 1
     assert worker.stop() == EXIT_OK
