@@ -296,7 +296,7 @@ def run_naive_phase(settings: Settings, endpoints: StackEndpoints, names: RunNam
     from worker.images import ImageLimits, decode_image
 
     # The same prompt, chat template and generation options as the engine's.
-    pipeline = openvino_genai.VLMPipeline(str(settings.model), settings.device, **device_properties(None))
+    pipeline = openvino_genai.VLMPipeline(str(settings.model), settings.device, **device_properties(None, settings.device))
     tokenizer = pipeline.get_tokenizer()
     prompt = render_prompt(tokenizer, settings.system_prompt, settings.prompt)
     eos_token_id = int(tokenizer.get_eos_token_id())
