@@ -37,10 +37,10 @@ def test_readiness_needs_model_warm_up_and_group():
     assert state.readiness_problem() == "warm-up caption not done"
     state.set_warmed_up()
     assert state.readiness_problem() == "consumer not in its group"
-    assert metrics.ready._value.get() == 0
+    assert metrics.registry.get_sample_value("caption_worker_ready") == 0
     state.set_in_group(True)
     assert state.readiness_problem() is None
-    assert metrics.ready._value.get() == 1
+    assert metrics.registry.get_sample_value("caption_worker_ready") == 1
 
 
 def test_outage_makes_unready_until_over():
@@ -48,11 +48,11 @@ def test_outage_makes_unready_until_over():
     state = ready_state(metrics)
     state.set_outage("s3", True)
     assert state.readiness_problem() == "outage of s3"
-    assert metrics.ready._value.get() == 0
+    assert metrics.registry.get_sample_value("caption_worker_ready") == 0
     assert state.liveness_problem() is None
     state.set_outage("s3", False)
     assert state.readiness_problem() is None
-    assert metrics.ready._value.get() == 1
+    assert metrics.registry.get_sample_value("caption_worker_ready") == 1
 
 
 def test_fatal_error_fails_both_probes():

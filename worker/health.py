@@ -35,7 +35,9 @@ class HealthState:
         self._warmed_up = False
         self._in_group = False
         self._outages: set[str] = set()
-        self._update_ready()
+        # Evaluated at each scrape, so the gauge follows conditions that change with
+        # time alone, such as the gap since the last poll.
+        metrics.ready.set_function(self._ready_value)
 
     def record_poll(self) -> None:
         with self._lock:
@@ -45,22 +47,18 @@ class HealthState:
     def set_fatal(self, reason: str) -> None:
         with self._lock:
             self._fatal_error = reason
-        self._update_ready()
 
     def set_model_loaded(self) -> None:
         with self._lock:
             self._model_loaded = True
-        self._update_ready()
 
     def set_warmed_up(self) -> None:
         with self._lock:
             self._warmed_up = True
-        self._update_ready()
 
     def set_in_group(self, in_group: bool) -> None:
         with self._lock:
             self._in_group = in_group
-        self._update_ready()
 
     def set_outage(self, dependency: str, active: bool) -> None:
         """Mark an outage of `dependency` ("s3" or "kafka") as started or ended."""
@@ -69,7 +67,6 @@ class HealthState:
                 self._outages.add(dependency)
             else:
                 self._outages.discard(dependency)
-        self._update_ready()
 
     def has_outage(self, dependency: str) -> bool:
         with self._lock:
@@ -104,8 +101,8 @@ class HealthState:
                 return "outage of " + ", ".join(sorted(self._outages))
         return None
 
-    def _update_ready(self) -> None:
-        self._metrics.ready.set(0 if self.readiness_problem() else 1)
+    def _ready_value(self) -> float:
+        return 0.0 if self.readiness_problem() else 1.0
 
 
 class _Handler(BaseHTTPRequestHandler):
