@@ -2,7 +2,7 @@
 
 The path of one message, top to bottom in this file:
 
-1. poll: the consumer returns a message (`_take_message`);
+1. poll: the consumer returns messages, which wait in a backlog until there is room (`_take_message`);
 2. parse: `events.parse_message` turns it into image requests, failures and skip reasons;
 3. fetch and decode each image in the fetch thread pool (`_fetch_and_decode`);
 4. caption: `engine.submit` queues the pixels in the continuous-batching engine;
@@ -174,6 +174,10 @@ class Worker:
         self.newly_assigned: set[TopicPartitionKey] = set()
         self.completed: queue.SimpleQueue[tuple[str, WorkItem, Future]] = queue.SimpleQueue()
         self.waiting: deque[WorkItem] = deque()  # decoded, waiting for room in the engine
+        # Consumed messages that wait for room. librdkafka drops a paused partition's prefetched
+        # messages and fetches them again on resume, which took 0.1 to 1 s per resume in
+        # `bench stream`, so the loop pauses for lack of room only when this backlog is full.
+        self.backlog: deque[Message] = deque()
         self.fetch_retries: list[WorkItem] = []  # fetches that met an unhealthy store
         self.redeliveries: list[WorkItem] = []  # records whose delivery failed
         self.brokers_down = False
@@ -217,7 +221,8 @@ class Worker:
     def _shutdown(self) -> int:
         """Shut down in order, each step bounded, and return the exit code.
 
-        1. Stop intake: pause every assigned partition.
+        1. Stop intake: pause every assigned partition and drop the backlog. Backlog messages
+           were never started, so no commit passes them, and they are consumed again later.
         2. Drain: finish in-flight images until none is left or drain_timeout_seconds pass,
            polling the consumer so that the worker stays in its group.
         3. Flush the producer.
@@ -228,6 +233,7 @@ class Worker:
         """
         logger.info("shutdown: stopping intake", extra=fields(in_flight=self._in_flight()))
         self._apply_backpressure()
+        self.backlog.clear()
 
         drained = True
         if self.fatal_error is None:
@@ -271,7 +277,9 @@ class Worker:
 
     def _poll(self, *, intake: bool = True) -> None:
         """Poll the consumer, which also runs rebalance, error and statistics callbacks, and take its messages."""
-        room = self.settings.max_in_flight - self._in_flight()
+        if intake:
+            self._take_backlog()
+        room = self._backlog_limit() - len(self.backlog)
         timeout = BUSY_POLL_SECONDS if self._in_flight() or self.publisher.pending() else IDLE_POLL_SECONDS
         try:
             messages = self.consumer.consume(num_messages=max(1, min(room, MAX_MESSAGES_PER_POLL)), timeout=timeout)
@@ -283,10 +291,17 @@ class Worker:
             if message.error() is not None:
                 self._on_kafka_error(message.error())
             elif intake:
-                self._take_message(message)
+                self.backlog.append(message)
             else:
                 # A message fetched before the pause is put back by seeking to it, so it is read again later.
                 self._rewind_to(message)
+        if intake:
+            self._take_backlog()
+
+    def _take_backlog(self) -> None:
+        """Start backlog messages in the order consumed while there is room for their images."""
+        while self.backlog and self._has_room():
+            self._take_message(self.backlog.popleft())
 
     def _process_completed(self) -> None:
         """Move finished work on: fetched images to the engine, captions to the producer, then retries."""
@@ -578,15 +593,24 @@ class Worker:
             return "stopping"
         if self.health.has_outage("s3") or self.health.has_outage("kafka"):
             return "outage"
-        if self._in_flight() >= self.settings.max_in_flight:
-            return "in-flight limit"
-        # Enough decoded images wait for the engine; fetching more would only hold memory.
-        if len(self.waiting) >= self.settings.fetch_threads:
-            return "engine full"
+        if len(self.backlog) >= self._backlog_limit():
+            return "backlog full"
         return None
 
+    def _has_room(self) -> bool:
+        """Return True when the loop may start another message."""
+        if self._pause_reason() not in (None, "backlog full"):
+            return False
+        if self._in_flight() >= self.settings.max_in_flight:
+            return False
+        # Enough decoded images wait for the engine; fetching more would only hold memory.
+        return len(self.waiting) < self.settings.fetch_threads
+
+    def _backlog_limit(self) -> int:
+        return self.settings.max_in_flight
+
     def _apply_backpressure(self) -> None:
-        """Pause every assigned partition while there is no room, and resume them when there is."""
+        """Pause every assigned partition while the backlog is full, in an outage or when stopping, else resume."""
         reason = self._pause_reason()
         wanted = set(self.partitions) if reason else set()
         to_pause = wanted - self.paused
@@ -602,8 +626,8 @@ class Worker:
             return
         self.newly_assigned.clear()
         if to_pause or to_resume:
-            # Backpressure turns on and off many times a second under full load, so only outages log at info.
-            level = logging.DEBUG if reason in (None, "in-flight limit", "engine full") else logging.INFO
+            # A full backlog comes and goes under full load, so only outages and shutdown log at info.
+            level = logging.DEBUG if reason in (None, "backlog full") else logging.INFO
             logger.log(level, "partitions paused" if reason else "partitions resumed",
                        extra=fields(reason=reason, partitions=len(wanted or to_resume)))
         self.paused = wanted
@@ -832,6 +856,7 @@ class Worker:
             partition.revoked = True
         self.tracker.forget(tp)
         self.paused.discard(tp)
+        self.backlog = deque(message for message in self.backlog if (message.topic(), message.partition()) != tp)
         try:
             self.metrics.consumer_lag.remove(str(tp[1]))
         except KeyError:
