@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from worker.benchmarks.stream import StreamPhaseResult, summarize_stream
-from worker.localrun import OutputRecord
+from worker.benchmarks.stream import StreamPhaseResult, cores_used, summarize_stream
+from worker.localrun import OutputRecord, read_proc_cpu_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_TIMEOUT_SECONDS = 540
@@ -29,6 +30,7 @@ REPORT_KEYS = {
     "rss_growth",
     "stream_captions",
     "stream_dead_lettered",
+    "stream_cpu_cores",
     "machine",
 }
 
@@ -51,6 +53,17 @@ def test_rss_growth_between_window_ends() -> None:
     assert result.rss_growth == pytest.approx(0.1)
     assert result.latencies == [pytest.approx(0.5)] * 10
     assert result.seconds == pytest.approx(109.0 - 99.5)
+
+
+def test_cores_used_skips_gone_processes() -> None:
+    pid = os.getpid()
+    before = {"this": read_proc_cpu_seconds(pid), "gone": 1.0}
+    sum(range(2_000_000))  # spend some CPU in this process
+
+    cores = cores_used({"this": pid, "gone": 2**22 + 1}, before, seconds=1.0)
+
+    assert set(cores) == {"this"}
+    assert cores["this"] > 0
 
 
 def test_rss_growth_is_unknown_without_samples() -> None:
@@ -84,4 +97,6 @@ def test_bench_stream_json_reports_every_figure(local_stack, worker_env, tiny_mo
     assert 0 < report["latency_p50_seconds"] <= report["latency_p99_seconds"]
     assert report["peak_rss_bytes"] > 0
     assert report["rss_growth"] > -1
+    assert report["stream_cpu_cores"]["worker"] > 0
+    assert report["stream_cpu_cores"]["s3_server"] > 0
     assert plot.read_bytes().startswith(b"\x89PNG")

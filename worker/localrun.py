@@ -428,6 +428,26 @@ def read_proc_status_bytes(pid: int, field_name: str) -> int | None:
     return None
 
 
+def read_proc_cpu_seconds(pid: int) -> float | None:
+    """Return the user plus system CPU seconds of a process from /proc/PID/stat, or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            # Fields after the command name, which is in brackets and may contain spaces.
+            after_name = stat.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    user_ticks, system_ticks = int(after_name[11]), int(after_name[12])
+    return (user_ticks + system_ticks) / os.sysconf("SC_CLK_TCK")
+
+
+def read_machine_busy_seconds() -> float:
+    """Return the CPU seconds that all cores spent outside idle and I/O wait since boot, from /proc/stat."""
+    with open("/proc/stat") as stat:
+        ticks = [int(value) for value in stat.readline().split()[1:]]
+    idle_ticks = ticks[3] + ticks[4]
+    return (sum(ticks[:8]) - idle_ticks) / os.sysconf("SC_CLK_TCK")
+
+
 def http_status(url: str, timeout: float = 2.0) -> int | None:
     """Return the HTTP status of a GET on a loopback URL, or None when the connection fails."""
     try:
@@ -502,11 +522,17 @@ class LocalStack:
         return self.endpoints
 
     def _part_running(self, part: str) -> bool:
+        return self.part_pid(part) is not None
+
+    def part_pid(self, part: str) -> int | None:
+        """Return the process id of a running stack part ("kafka", "s3" or "prometheus"), else None."""
         # NOTE: stack.py has no public per-part status, so this reads its state the
         # way its own `status` command does.
         assert self._module is not None
         state = self._module._read_state(part)
-        return state is not None and self._module._process_alive(state)
+        if state is None or not self._module._process_alive(state):
+            return None
+        return int(state["pid"])
 
     def log_dir(self) -> Path:
         directory = self._module.LOG_DIR if self._module is not None else REPOSITORY_ROOT / ".stack" / "logs"

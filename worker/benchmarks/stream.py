@@ -50,6 +50,8 @@ from worker.localrun import (
     make_s3_client,
     percentile,
     photo_paths,
+    read_machine_busy_seconds,
+    read_proc_cpu_seconds,
     read_proc_status_bytes,
     s3_event_notification,
     start_worker,
@@ -115,6 +117,8 @@ class StreamPhaseResult(PhaseResult):
     latency_points: list[tuple[float, float]] = field(default_factory=list)
     # The worker's own `timings` of each caption record (fetch, decode, queue, ...), by name.
     stage_seconds: dict[str, list[float]] = field(default_factory=dict)
+    # Mean cores that each process, and the whole machine, used while the events ran.
+    cpu_cores: dict[str, float] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------- phase 1: engine alone
@@ -182,25 +186,48 @@ def run_stream_phase(
     objects: list[UploadedObject],
     events: int,
     log_dir: Path,
+    stack_pids: dict[str, int],
 ) -> StreamPhaseResult:
-    """Run the worker process on `events` events published by a closed-loop producer; see the module docstring."""
+    """Run the worker process on `events` events published by a closed-loop producer; see the module docstring.
+
+    `stack_pids` names the stack's processes (S3 server, broker) whose CPU use is reported next to the worker's.
+    """
     extra = {"CAPTION_MAX_NEW_TOKENS": str(settings.max_new_tokens), "CAPTION_IGNORE_EOS": "true"}
     worker = start_worker(args, endpoints, names, log_dir, extra)
     try:
         worker.wait_ready(READY_TIMEOUT_SECONDS)
         producer = EventProducer(endpoints.kafka_bootstrap, names.input_topic)
         reader = OutputReader(endpoints.kafka_bootstrap, [names.output_topic, names.dlq_topic])
+        pids = {"worker": worker.pid, **stack_pids}
+        cpu_before = {name: read_proc_cpu_seconds(pid) for name, pid in pids.items()}
+        machine_before, started = read_machine_busy_seconds(), time.monotonic()
         try:
             records, rss_samples = drive_stream(worker, producer, reader, objects, events, 2 * settings.max_in_flight)
         finally:
             reader.close()
+        elapsed = time.monotonic() - started
+        cpu_cores = cores_used(pids, cpu_before, elapsed)
+        cpu_cores["machine"] = (read_machine_busy_seconds() - machine_before) / elapsed
         producer.flush()
         peak_rss = worker.peak_rss_bytes()
     finally:
         exit_code = worker.stop(WORKER_STOP_TIMEOUT_SECONDS)
     if exit_code != 0:
         logger.warning("the worker exited with code %s after SIGTERM; log: %s", exit_code, worker.log_path)
-    return summarize_stream(records, producer.timestamps_by_offset(), rss_samples, peak_rss, events)
+    result = summarize_stream(records, producer.timestamps_by_offset(), rss_samples, peak_rss, events)
+    result.cpu_cores = cpu_cores
+    return result
+
+
+def cores_used(pids: dict[str, int], cpu_before: dict[str, float | None], seconds: float) -> dict[str, float]:
+    """Return the mean cores that each named process used over `seconds`, leaving out processes that are gone."""
+    cores = {}
+    for name, pid in pids.items():
+        after = read_proc_cpu_seconds(pid)
+        before = cpu_before.get(name)
+        if after is not None and before is not None and seconds > 0:
+            cores[name] = (after - before) / seconds
+    return cores
 
 
 def drive_stream(
@@ -370,7 +397,9 @@ def run_benchmark(args: argparse.Namespace, settings: Settings, events: int, nai
         progress(f"engine alone: {events} images")
         engine = run_engine_phase(settings, events)
         progress(f"stream: {events} events through the worker process")
-        stream = run_stream_phase(args, settings, endpoints, names, objects, events, stack.log_dir())
+        stack_pids = {name: pid for name, part in (("s3_server", "s3"), ("kafka", "kafka"))
+                      if (pid := stack.part_pid(part)) is not None}
+        stream = run_stream_phase(args, settings, endpoints, names, objects, events, stack.log_dir(), stack_pids)
         progress(f"naive consumer: the first {naive_events} events, one at a time")
         naive = run_naive_phase(settings, endpoints, names, naive_events)
     finally:
@@ -409,6 +438,7 @@ def build_report(
         "engine_latency_p50_seconds": percentile(engine.latencies, 50),
         "naive_latency_p50_seconds": percentile(naive.latencies, 50),
         "stream_stage_p50_seconds": {stage: percentile(values, 50) for stage, values in stream.stage_seconds.items()},
+        "stream_cpu_cores": stream.cpu_cores,
         "stream_captions": len(stream.latencies),
         "stream_dead_lettered": stream.dead_lettered,
         "peak_rss_bytes": stream.peak_rss_bytes,
@@ -480,6 +510,8 @@ def print_report(report: dict[str, Any]) -> None:
         f"dead-lettered       {report['stream_dead_lettered']:8d}",
         "worker stages p50   "
         + ", ".join(f"{stage} {seconds:.3f} s" for stage, seconds in report["stream_stage_p50_seconds"].items()),
+        "stream CPU, cores   "
+        + ", ".join(f"{name} {cores:.2f}" for name, cores in report["stream_cpu_cores"].items()),
     ]
     print("\n".join(lines))
 
