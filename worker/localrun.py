@@ -522,17 +522,22 @@ class LocalStack:
         return self.endpoints
 
     def _part_running(self, part: str) -> bool:
-        return self.part_pid(part) is not None
+        return self._running_state(part) is not None
 
     def part_pid(self, part: str) -> int | None:
         """Return the process id of a running stack part ("kafka", "s3" or "prometheus"), else None."""
+        state = self._running_state(part)
+        pid = state.get("pid") if state is not None else None
+        return int(pid) if pid else None
+
+    def _running_state(self, part: str) -> dict[str, Any] | None:
         # NOTE: stack.py has no public per-part status, so this reads its state the
         # way its own `status` command does.
         assert self._module is not None
         state = self._module._read_state(part)
         if state is None or not self._module._process_alive(state):
             return None
-        return int(state["pid"])
+        return state
 
     def log_dir(self) -> Path:
         directory = self._module.LOG_DIR if self._module is not None else REPOSITORY_ROOT / ".stack" / "logs"
