@@ -99,3 +99,46 @@ def test_settings_are_frozen():
 
     with pytest.raises(Exception):
         settings.input_topic = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (("--input-topic", "loop", "--dlq-topic", "loop"), "--input-topic"),
+        (("--input-topic", "loop", "--output-topic", "loop"), "--input-topic"),
+        (("--input-topic", "bad topic!"), "--input-topic"),
+        (("--bootstrap-servers", "not a host"), "--bootstrap-servers"),
+        (("--s3-endpoint-url", "ftp://store"), "--s3-endpoint-url"),
+        (("--allowed-schemes", "http"), "--allowed-schemes"),
+        (("--min-image-side", "100", "--max-image-side", "10"), "--min-image-side"),
+    ],
+)
+def test_inconsistent_settings_are_invalid(flags, named):
+    with pytest.raises(SettingsError) as caught:
+        load_settings(parse_flags(*flags))
+
+    assert named in str(caught.value)
+
+
+def test_misspelt_variable_is_invalid(monkeypatch):
+    monkeypatch.setenv("CAPTION_MAX_IN_FLGHT", "3")
+
+    with pytest.raises(SettingsError) as caught:
+        load_settings(parse_flags())
+
+    assert "CAPTION_MAX_IN_FLGHT" in str(caught.value)
+
+
+def test_summary_masks_endpoint_credentials_and_oauth_config():
+    settings = load_settings(
+        parse_flags(
+            "--s3-endpoint-url", "http://user:UrlPassw0rd@127.0.0.1:9000",
+            "--kafka-option", "sasl.oauthbearer.config=clientSecret=OauthCfgSecret",
+        )
+    )
+
+    summary = settings.summary()
+
+    assert "UrlPassw0rd" not in summary
+    assert "OauthCfgSecret" not in summary
+    assert "127.0.0.1:9000" in summary

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The tiny random model shipped in the package, so every command runs on a fresh clone.
@@ -22,8 +25,15 @@ DEFAULT_MODEL_DIR = Path(__file__).parent / "models" / "tiny-gemma3"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 DEFAULT_PROMPT = "Describe this image in detail."
 
-# Substrings of librdkafka property names whose values are masked in logs.
-_SECRET_OPTION_MARKERS = ("password", "secret", "key.pem", "token")
+# Substrings of librdkafka property names whose values are masked in logs. The
+# OAUTHBEARER and JAAS configs carry client secrets inside free-form text.
+_SECRET_OPTION_MARKERS = ("password", "secret", ".pem", "token", "oauthbearer.config", "jaas")
+
+# Kafka's legal topic names: ASCII letters, digits, '.', '_' and '-', at most 249 characters.
+_TOPIC_NAME = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+# URI schemes that the fetcher implements; --allowed-schemes may only narrow this set.
+IMPLEMENTED_SCHEMES = frozenset({"s3"})
 
 
 class SettingsError(Exception):
@@ -153,6 +163,55 @@ class Settings(BaseSettings):
             raise ValueError(f"model directory not found: {value}")
         return value
 
+    @field_validator("input_topic", "output_topic", "dlq_topic")
+    @classmethod
+    def _check_topic_name(cls, value: str) -> str:
+        if not _TOPIC_NAME.fullmatch(value) or value in (".", ".."):
+            raise ValueError(f"invalid Kafka topic name {value!r}: use 1 to 249 of A-Z a-z 0-9 . _ -")
+        return value
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _check_bootstrap_servers(cls, value: str) -> str:
+        for server in value.split(","):
+            host, sep, port = server.strip().rpartition(":")
+            if not sep or not host or any(ch.isspace() for ch in host) or not port.isdigit():
+                raise ValueError(f"expected host:port[,host:port], got {value!r}")
+        return value
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _check_endpoint_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"expected an http:// or https:// URL, got {_mask_url(value)!r}")
+        return value
+
+    @field_validator("allowed_schemes")
+    @classmethod
+    def _check_schemes(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - IMPLEMENTED_SCHEMES)
+        if unknown:
+            raise ValueError(f"unsupported scheme {', '.join(unknown)}: only {', '.join(sorted(IMPLEMENTED_SCHEMES))} is implemented")
+        if not value:
+            raise ValueError("at least one scheme is needed")
+        return value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        # Error records carry the image URI, so a dead-letter topic read as input would
+        # turn one bad event into an endless loop; the same holds for the output topic.
+        if self.input_topic in (self.output_topic, self.dlq_topic):
+            raise ValueError(
+                f"--input-topic {self.input_topic!r} must differ from --output-topic and --dlq-topic"
+            )
+        if self.min_image_side > self.max_image_side:
+            raise ValueError(
+                f"--min-image-side {self.min_image_side} is larger than --max-image-side {self.max_image_side}"
+            )
+        return self
+
     def kafka_common_config(self) -> dict[str, str]:
         """Return librdkafka properties shared by the consumer and the producer."""
         config = {"bootstrap.servers": self.bootstrap_servers}
@@ -171,12 +230,32 @@ class Settings(BaseSettings):
                 value = "***" if value.get_secret_value() else ""
             elif name == "kafka_option":
                 value = {k: ("***" if _is_secret_option(k) else v) for k, v in value.items()}
+            elif name == "s3_endpoint_url" and value:
+                value = _mask_url(value)
             parts.append(f"{name}={value}")
         return " ".join(parts)
 
 
 def _is_secret_option(key: str) -> bool:
     return any(marker in key.lower() for marker in _SECRET_OPTION_MARKERS)
+
+
+def _mask_url(url: str) -> str:
+    """Return the URL with any user and password replaced by ***."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"***@{host}"))
+
+
+def unknown_environment_variables(environ: dict[str, str] | None = None) -> list[str]:
+    """Return CAPTION_* variables that name no setting, which are most likely misspelt."""
+    environ = os.environ if environ is None else environ
+    known = {f"CAPTION_{name.upper()}" for name in Settings.model_fields}
+    return sorted(name for name in environ if name.upper().startswith("CAPTION_") and name.upper() not in known)
 
 
 def parse_key_values(items: list[str]) -> dict[str, str]:
@@ -227,12 +306,18 @@ def load_settings(args: argparse.Namespace | None = None, **overrides: Any) -> S
             if value is not None:
                 values[name] = value
     values.update(overrides)
+    unknown = unknown_environment_variables()
+    if unknown:
+        raise SettingsError(f"unknown variable {', '.join(unknown)}: no setting has that name; check the spelling")
     try:
         return Settings(**values)
     except ValidationError as exc:
         lines = []
         for error in exc.errors():
             field = str(error["loc"][0]) if error["loc"] else ""
-            where = f"{flag_name(field)} (CAPTION_{field.upper()})" if field else "settings"
-            lines.append(f"invalid setting {where}: {error['msg']}")
+            message = error["msg"].removeprefix("Value error, ")
+            if field:
+                lines.append(f"invalid setting {flag_name(field)} (CAPTION_{field.upper()}): {message}")
+            else:
+                lines.append(f"invalid settings: {message}")
         raise SettingsError("\n".join(lines)) from None
