@@ -6,7 +6,7 @@ librdkafka error names (a fixed enumeration) and partition numbers of the one in
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 
 from worker.errors import ErrorCode
 from worker.events import SKIP_FOLDER, SKIP_NOT_CREATED, SKIP_NULL_VALUE, SKIP_TEST_EVENT
@@ -58,6 +58,9 @@ class Metrics:
     """The worker's metrics, registered in one registry (a fresh one per instance by default)."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # The *_created series double the exposition without helping any query or alert.
+        # The switch is process-wide in prometheus_client, so it is set here, not at import.
+        disable_created_metrics()
         self.registry = registry if registry is not None else CollectorRegistry()
         self._define_flow(self.registry)
         self._define_latency(self.registry)
