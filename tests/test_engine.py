@@ -99,6 +99,15 @@ def test_submissions_from_many_threads(engine):
     assert all(result.text.strip() for result in results.values())
 
 
+def test_caption_has_no_surrounding_whitespace(engine):
+    futures = [engine.submit(_image(seed), None, GenerationOptions(max_new_tokens=6)) for seed in range(8)]
+
+    captions = [future.result(WAIT_SECONDS).text for future in futures]
+
+    for caption in captions:
+        assert caption == caption.strip(), repr(caption)
+
+
 def test_max_new_tokens_with_ignore_eos_is_exact(engine):
     options = GenerationOptions(max_new_tokens=5, ignore_eos=True)
 

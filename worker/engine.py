@@ -446,8 +446,10 @@ class CaptionEngine:
             return
         output = outputs[0]
         token_ids = list(output.generated_ids)
-        text = cut_at_stop_strings(self._tokenizer.decode(token_ids, skip_special_tokens=True), request.stop_strings)
-        if not text.strip():
+        decoded = self._tokenizer.decode(token_ids, skip_special_tokens=True)
+        # A token may bring its own leading space, as the tiny model's first token does.
+        text = cut_at_stop_strings(decoded, request.stop_strings).strip()
+        if not text:
             message = f"model generated an empty caption ({len(token_ids)} tokens)"
             self._finish_error(request, CaptionError(ErrorCode.EMPTY_CAPTION, message))
             return
