@@ -27,7 +27,7 @@ from confluent_kafka.admin import (
 )
 
 from http_client import http_get
-from worker.cli import EXIT_DRAIN_TIMEOUT, EXIT_KAFKA_FATAL, EXIT_OK, EXIT_SIGNAL
+from worker.cli import EXIT_DRAIN_TIMEOUT, EXIT_KAFKA_FATAL, EXIT_OK, EXIT_SIGNAL, EXIT_USAGE
 from worker.localrun import create_topics, free_port
 
 # Upper bounds for waits. A healthy run finishes far sooner, and each timeout names what was missing.
@@ -232,6 +232,48 @@ def assert_no_duplicates(results: Results) -> None:
     counts = Counter(results.sources())
     duplicated = {source: count for source, count in counts.items() if count > 1}
     assert not duplicated, f"inputs with more than one record: {duplicated}"
+
+
+# ---------------------------------------------------------------- startup
+
+
+def run_worker_to_exit(worker_env: dict, tiny_model_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run `caption-worker run` with `args` until it exits by itself, and return its exit code and output."""
+    env = {**worker_env, "CAPTION_MODEL": str(tiny_model_dir)}
+    command = [sys.executable, "-m", "worker", "run", "--metrics-host", "127.0.0.1", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=EXIT_TIMEOUT_SECONDS)
+
+
+def test_invalid_kafka_option_stops_before_model_load(worker_env, tiny_model_dir):
+    completed = run_worker_to_exit(
+        worker_env, tiny_model_dir, "--metrics-port", str(free_port()), "--kafka-option", "no.such.property=1"
+    )
+
+    assert completed.returncode == EXIT_USAGE, completed.stderr
+    assert "no.such.property" in completed.stderr
+    assert "--kafka-option" in completed.stderr
+    assert "model ready" not in completed.stderr, "the Kafka configuration must be checked before the model loads"
+
+
+def test_unknown_metrics_host_is_usage_error(worker_env, tiny_model_dir):
+    completed = run_worker_to_exit(worker_env, tiny_model_dir, "--metrics-host", "999.1.1.1")
+
+    assert completed.returncode == EXIT_USAGE, completed.stderr
+    assert "--metrics-host" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_metrics_port_in_use_is_usage_error(worker_env, tiny_model_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        completed = run_worker_to_exit(worker_env, tiny_model_dir, "--metrics-port", str(port))
+
+    assert completed.returncode == EXIT_USAGE, completed.stderr
+    assert "--metrics-port" in completed.stderr
+    assert "Address already in use" in completed.stderr
+    assert "Traceback" not in completed.stderr
 
 
 # ---------------------------------------------------------------- tests

@@ -195,6 +195,12 @@ class Worker:
     def stopping(self) -> bool:
         return self.stop_event.is_set()
 
+    def close_unstarted(self) -> None:
+        """Close the clients of a worker whose run() never started, because startup failed after they were built."""
+        self.closing = True
+        self.fetch_pool.shutdown(wait=False)
+        _run_bounded(self.consumer.close, CLOSE_TIMEOUT_SECONDS, "consumer-close")
+
     def run(self) -> int:
         """Subscribe, loop over poll, process and checkpoint until stopped, then shut down."""
         if self.exactly_once:
@@ -933,9 +939,15 @@ def run_command(args: argparse.Namespace) -> int:
     metrics = Metrics()
     metrics.info.info({"model": settings.model.name, "device": settings.device, "version": __version__})
     health = HealthState(metrics, settings.max_poll_gap_seconds)
+    try:
+        server = HealthServer(settings.metrics_host, settings.metrics_port, metrics, health)
+    except OSError as error:
+        # An unknown host name raises socket.gaierror, a port in use OSError(EADDRINUSE); both are settings errors.
+        logger.error("metrics server cannot listen, check --metrics-host and --metrics-port",
+                     extra=fields(host=settings.metrics_host, port=settings.metrics_port, error=str(error)))
+        return EXIT_USAGE
     stop_event = threading.Event()
     _install_signal_handlers(stop_event)
-    server = HealthServer(settings.metrics_host, settings.metrics_port, metrics, health)
     server.start()
     try:
         return _run_with_server(settings, metrics, health, stop_event)
@@ -944,32 +956,49 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def _run_with_server(settings: Settings, metrics: Metrics, health: HealthState, stop_event: threading.Event) -> int:
+    """Build the worker, load the model, and run the stream loop.
+
+    1. Create the engine without loading the model, and the S3 fetcher.
+    2. Create the Kafka clients, so an invalid --kafka-option stops the worker
+       before the model loads, which takes minutes with a real model.
+    3. Load the model and caption the warm-up image.
+    4. Run the loop. The engine and the fetcher are closed in every case.
+    """
     try:
         engine = CaptionEngine.from_settings(settings, metrics)
-        engine.start()
-        health.set_model_loaded()
-        engine.warm_up()
-        health.set_warmed_up()
         fetcher = Fetcher(settings, metrics)
     except Exception:
         logger.exception("startup failed: model or dependency could not be loaded")
         return EXIT_STARTUP
-    metrics.info.info({"model": engine.model_name, "device": settings.device, "version": __version__})
-    logger.info("model ready", extra=fields(model=engine.model_name, device=settings.device))
 
     try:
-        worker = Worker(settings, metrics, health, engine, fetcher, stop_event)
-    except KafkaException as exc:
-        logger.error("invalid Kafka configuration, check --kafka-option", extra=fields(error=exc.args[0].str()))
-        return EXIT_USAGE
-    try:
-        return worker.run()
-    except KafkaException as exc:
-        logger.error("Kafka call failed", extra=fields(error=exc.args[0].str()))
-        return EXIT_KAFKA_FATAL if exc.args[0].fatal() else EXIT_FAILURE
-    except Exception:
-        logger.exception("worker failed")
-        return EXIT_FAILURE
+        try:
+            worker = Worker(settings, metrics, health, engine, fetcher, stop_event)
+        except (KafkaException, TypeError, ValueError) as exc:
+            message = exc.args[0].str() if isinstance(exc, KafkaException) else str(exc)
+            logger.error("invalid Kafka configuration, check --kafka-option", extra=fields(error=message))
+            return EXIT_USAGE
+
+        try:
+            engine.start()
+            health.set_model_loaded()
+            engine.warm_up()
+            health.set_warmed_up()
+        except Exception:
+            logger.exception("startup failed: model or dependency could not be loaded")
+            worker.close_unstarted()
+            return EXIT_STARTUP
+        metrics.info.info({"model": engine.model_name, "device": settings.device, "version": __version__})
+        logger.info("model ready", extra=fields(model=engine.model_name, device=settings.device))
+
+        try:
+            return worker.run()
+        except KafkaException as exc:
+            logger.error("Kafka call failed", extra=fields(error=exc.args[0].str()))
+            return EXIT_KAFKA_FATAL if exc.args[0].fatal() else EXIT_FAILURE
+        except Exception:
+            logger.exception("worker failed")
+            return EXIT_FAILURE
     finally:
         engine.close(CLOSE_TIMEOUT_SECONDS)
         fetcher.close()
