@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from worker.demo import demo_key
 from worker.events import parse_message
 from worker.localrun import (
     LocalStack,
+    RunNames,
     UploadedObject,
     encode_event_key,
     percentile,
@@ -67,6 +69,18 @@ def test_percentile_uses_nearest_rank() -> None:
     assert percentile(values, 95) == 95.0
     assert percentile(values, 100) == 100.0
     assert percentile([], 50) is None
+
+
+def test_demo_doc_names_worker_log_file() -> None:
+    # docs/demo.md gives the log name as a pattern and an example; a real name must fit both.
+    shape = re.compile(r"demo-\d{8}-\d{6}-[0-9a-f]{6}-worker\.log")
+    doc = (ROOT / "docs" / "demo.md").read_text()
+
+    assert "demo-<date>-<time>-<id>-worker.log" in doc
+    examples = re.findall(r"demo-\d[\w-]*-worker\.log", doc)
+    assert examples, "docs/demo.md has no example worker log name"
+    assert all(shape.fullmatch(example) for example in examples), examples
+    assert shape.fullmatch(RunNames.unique("demo").worker_log_name)
 
 
 def fake_stack_module(tmp_path: Path, running: set[str]) -> SimpleNamespace:

@@ -611,6 +611,10 @@ class RunNames:
     def bucket(self) -> str:
         return self.prefix
 
+    @property
+    def worker_log_name(self) -> str:
+        return f"{self.prefix}-worker.log"
+
 
 def start_worker(
     args: Any, endpoints: StackEndpoints, names: RunNames, log_dir: Path, extra: dict[str, str] | None = None
@@ -627,4 +631,4 @@ def start_worker(
         "CAPTION_METRICS_PORT": str(metrics_port),
     }
     overrides |= extra or {}
-    return WorkerProcess(worker_environment(endpoints, overrides), log_dir / f"{names.prefix}-worker.log", metrics_port)
+    return WorkerProcess(worker_environment(endpoints, overrides), log_dir / names.worker_log_name, metrics_port)
