@@ -102,6 +102,30 @@ def test_prompt_flag_changes_prompt(tiny_model_dir, sample_photos, capsys):
     assert other_caption != default_caption
 
 
+@pytest.mark.parametrize(
+    ("config", "named_file"),
+    [
+        (None, "config.json"),
+        ("{}", "model_type"),
+        ("[1, 2", "config.json is not valid JSON"),
+        ('{"model_type": "gemma3"}', "openvino_language_model.xml"),
+    ],
+)
+def test_wrong_model_folder_exits_with_one_line(tmp_path, sample_photos, config, named_file):
+    if config is not None:
+        (tmp_path / "config.json").write_text(config)
+
+    completed = _run_cli("--model", str(tmp_path), str(sample_photos[0]))
+
+    assert completed.returncode == 4
+    assert completed.stdout == ""
+    assert "Traceback" not in completed.stderr
+    error_lines = [line for line in completed.stderr.splitlines() if " ERROR " in line]
+    assert len(error_lines) == 1, completed.stderr
+    assert "is not a Gemma 3 OpenVINO export" in error_lines[0]
+    assert named_file in error_lines[0]
+
+
 def test_invalid_setting_exits_with_usage_code(tiny_model_dir, sample_photos, capsys):
     exit_code = main(["caption", "--model", str(tiny_model_dir), "--max-new-tokens", "0", str(sample_photos[0])])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import string
 import threading
 import time
@@ -11,7 +12,7 @@ from concurrent.futures import CancelledError
 import numpy as np
 import pytest
 
-from worker.engine import CaptionEngine, CaptionResult, GenerationOptions, gradient_image
+from worker.engine import CaptionEngine, CaptionResult, GenerationOptions, ModelLoadError, gradient_image
 from worker.errors import CaptionError, EngineFull, ErrorCode
 from worker.metrics import Metrics
 from worker.settings import load_settings
@@ -268,6 +269,35 @@ def test_greedy_f32_batched_equals_sequential(tiny_model_dir):
 
     assert batched == sequential
     assert len(set(sequential)) > 1
+
+
+@pytest.mark.parametrize("removed", ["openvino_vision_embeddings_model.bin", "openvino_tokenizer.xml"])
+def test_missing_model_file_raises_model_load_error(tiny_model_dir, tmp_path, removed):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    (model_dir / removed).unlink()
+    settings = load_settings(None, model=model_dir, cache_size=1)
+
+    with pytest.raises(ModelLoadError) as caught:
+        CaptionEngine.from_settings(settings, None)
+
+    assert "is not a Gemma 3 OpenVINO export" in str(caught.value)
+    assert removed in str(caught.value)
+
+
+def test_unreadable_model_file_fails_start(tiny_model_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    (model_dir / "openvino_language_model.xml").write_text("<net")
+    engine = CaptionEngine.from_settings(load_settings(None, model=model_dir, cache_size=1), None)
+
+    with pytest.raises(ModelLoadError) as caught:
+        engine.start()
+
+    message = str(caught.value)
+    assert "could not load" in message
+    assert "openvino_language_model.xml" in message
+    assert "\n" not in message
 
 
 def test_bench_engine_prints_ratios(tiny_model_dir, capsys):

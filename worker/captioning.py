@@ -55,11 +55,15 @@ def caption_command(args: argparse.Namespace) -> int:
     if settings is None:
         return EXIT_USAGE
 
-    from worker.engine import CaptionEngine
+    from worker.engine import CaptionEngine, ModelLoadError
 
-    engine = CaptionEngine.from_settings(settings, None)
     try:
+        engine = CaptionEngine.from_settings(settings, None)
         engine.start()
+    except ModelLoadError as error:
+        # The message names the missing or invalid file, so a traceback would only hide it.
+        logger.error("model could not be loaded", extra=fields(model=str(settings.model), error=str(error)))
+        return EXIT_STARTUP
     except Exception:  # noqa: BLE001 - any load failure ends the command with its own exit code
         logger.exception("model could not be loaded", extra=fields(model=str(settings.model)))
         return EXIT_STARTUP

@@ -62,6 +62,22 @@ WARM_UP_MAX_NEW_TOKENS = 8
 # NOTE: not measured with a full-size Gemma 3, whose steps may gain from cached primitives.
 CPU_RUNTIME_CACHE_CAPACITY = 0
 
+# OpenVINO IR models of a Gemma 3 export by optimum-intel, each an .xml graph with .bin weights.
+# Without the vision model or the language model OpenVINO GenAI fails to load, and without
+# the tokenizer it loads but reports no <eos> token.
+REQUIRED_IR_MODELS = (
+    "openvino_language_model",
+    "openvino_text_embeddings_model",
+    "openvino_vision_embeddings_model",
+    "openvino_tokenizer",
+    "openvino_detokenizer",
+)
+EXPORT_HINT = "export one with `optimum-cli export openvino --task image-text-to-text` (see docs/engine.md)"
+
+
+class ModelLoadError(Exception):
+    """A model directory that is not a loadable Gemma 3 OpenVINO export; the message names the file."""
+
 
 @dataclass(frozen=True)
 class GenerationOptions:
@@ -154,6 +170,7 @@ class CaptionEngine:
         self._metrics = metrics
         self._inference_precision = inference_precision
         self._model_dir = Path(settings.model)
+        check_model_dir(self._model_dir)
         self._image_side = read_image_side(self._model_dir)
 
         self._lock = threading.Condition()
@@ -190,7 +207,7 @@ class CaptionEngine:
         return self._model_dir.name
 
     def start(self) -> None:
-        """Load the model and start the engine thread; raise if the model cannot be loaded."""
+        """Load the model and start the engine thread; raise ModelLoadError if OpenVINO cannot load it."""
         import openvino_genai
 
         scheduler = openvino_genai.SchedulerConfig()
@@ -201,13 +218,20 @@ class CaptionEngine:
         properties = device_properties(self._inference_precision, self._settings.device)
 
         started = time.monotonic()
-        self._pipeline = openvino_genai.ContinuousBatchingPipeline(
-            str(self._model_dir),
-            scheduler,
-            self._settings.device,
-            properties=properties,
-            vision_encoder_properties=properties,
-        )
+        try:
+            self._pipeline = openvino_genai.ContinuousBatchingPipeline(
+                str(self._model_dir),
+                scheduler,
+                self._settings.device,
+                properties=properties,
+                vision_encoder_properties=properties,
+            )
+        except RuntimeError as error:
+            # OpenVINO's messages span several lines with C++ source paths; one line suits a log.
+            detail = " ".join(str(error).split())
+            raise ModelLoadError(
+                f"OpenVINO GenAI could not load {self._model_dir} on device {self._settings.device}: {detail}"
+            ) from error
         self._tokenizer = self._pipeline.get_tokenizer()
         self._eos_token_id = int(self._tokenizer.get_eos_token_id())
         self._stop_token_ids = resolve_stop_token_ids(self._tokenizer)
@@ -662,15 +686,52 @@ def gradient_image(side: int) -> np.ndarray:
     return np.ascontiguousarray(np.stack([red, green, blue], axis=-1).astype(np.uint8))
 
 
+def check_model_dir(model_dir: Path) -> None:
+    """Raise ModelLoadError unless model_dir has a Gemma 3 config.json and every required IR model."""
+    config = _read_model_json(model_dir, "config.json")
+    model_type = config.get("model_type")
+    if model_type is None:
+        raise _not_an_export(model_dir, "config.json has no model_type")
+    if model_type != "gemma3":
+        raise _not_an_export(model_dir, f"config.json has model_type {model_type!r}, expected 'gemma3'")
+    for name in REQUIRED_IR_MODELS:
+        for suffix in (".xml", ".bin"):
+            if not (model_dir / (name + suffix)).is_file():
+                raise _not_an_export(model_dir, f"{name}{suffix} is missing")
+
+
 def read_image_side(model_dir: Path) -> int:
-    """Return the vision encoder's input side from preprocessor_config.json or config.json."""
-    preprocessor = model_dir / "preprocessor_config.json"
-    if preprocessor.exists():
-        size = json.loads(preprocessor.read_text()).get("size", {})
+    """Return the vision encoder's input side from preprocessor_config.json or config.json.
+
+    Raises ModelLoadError when neither file gives it.
+    """
+    if (model_dir / "preprocessor_config.json").exists():
+        size = _read_model_json(model_dir, "preprocessor_config.json").get("size", {})
         if isinstance(size, dict) and "height" in size:
             return int(size["height"])
-    config = json.loads((model_dir / "config.json").read_text())
-    return int(config["vision_config"]["image_size"])
+    vision_config = _read_model_json(model_dir, "config.json").get("vision_config")
+    if not isinstance(vision_config, dict) or not isinstance(vision_config.get("image_size"), int):
+        raise _not_an_export(model_dir, "config.json has no vision_config.image_size")
+    return vision_config["image_size"]
+
+
+def _read_model_json(model_dir: Path, name: str) -> dict[str, Any]:
+    path = model_dir / name
+    try:
+        content = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise _not_an_export(model_dir, f"{name} is missing") from None
+    except OSError as error:
+        raise _not_an_export(model_dir, f"{name} cannot be read: {error.strerror or error}") from None
+    except ValueError as error:
+        raise _not_an_export(model_dir, f"{name} is not valid JSON: {error}") from None
+    if not isinstance(content, dict):
+        raise _not_an_export(model_dir, f"{name} does not contain a JSON object")
+    return content
+
+
+def _not_an_export(model_dir: Path, problem: str) -> ModelLoadError:
+    return ModelLoadError(f"{model_dir} is not a Gemma 3 OpenVINO export: {problem}; {EXPORT_HINT}")
 
 
 def _mean_seconds(pair: Any) -> float:
