@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,10 +16,13 @@ import pytest
 from worker.demo import demo_key
 from worker.events import parse_message
 from worker.localrun import (
+    EventProducer,
     LocalStack,
+    OutputReader,
     RunNames,
     UploadedObject,
     encode_event_key,
+    free_port,
     percentile,
     s3_event_notification,
     s3_test_event,
@@ -81,6 +86,40 @@ def test_demo_doc_names_worker_log_file() -> None:
     assert examples, "docs/demo.md has no example worker log name"
     assert all(shape.fullmatch(example) for example in examples), examples
     assert shape.fullmatch(RunNames.unique("demo").worker_log_name)
+
+
+def wait_for_client_log(caplog, serve) -> None:
+    """Call `serve` until a librdkafka line reaches Python logging, for at most 30 s."""
+    deadline = time.monotonic() + 30
+    while not any(record.name == "librdkafka" for record in caplog.records):
+        assert time.monotonic() < deadline, "no librdkafka line reached Python logging within 30 s"
+        serve()
+        time.sleep(0.1)
+
+
+def raw_client_lines(capfd) -> list[str]:
+    """Return the stderr lines that librdkafka printed itself, in its `%LEVEL|time|FACILITY|...` form."""
+    return [line for line in capfd.readouterr().err.splitlines() if line.startswith("%")]
+
+
+def test_event_producer_logs_through_python(caplog, capfd) -> None:
+    # Nothing listens on the port, so librdkafka reports refused connections.
+    producer = EventProducer(f"127.0.0.1:{free_port()}", "no-broker")
+    with caplog.at_level(logging.WARNING, logger="librdkafka"):
+        producer.send("key", b"value")
+        wait_for_client_log(caplog, producer.serve_callbacks)
+        producer.close(timeout=0)
+
+    assert raw_client_lines(capfd) == []
+
+
+def test_output_reader_logs_through_python(caplog, capfd) -> None:
+    reader = OutputReader(f"127.0.0.1:{free_port()}", ["no-broker"])
+    with caplog.at_level(logging.WARNING, logger="librdkafka"):
+        wait_for_client_log(caplog, lambda: list(reader.poll(0.1)))
+        reader.close()
+
+    assert raw_client_lines(capfd) == []
 
 
 def fake_stack_module(tmp_path: Path, running: set[str]) -> SimpleNamespace:

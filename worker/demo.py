@@ -7,7 +7,7 @@ The demo runs these steps in order and always runs the cleanup steps:
 4. start `caption-worker run` as a child process, add it to Prometheus' scrape targets, wait until it is ready;
 5. publish one Amazon S3 event notification per photograph, one test event and one event for a missing object;
 6. print each caption and error record as it arrives, then a summary table.
-Cleanup: stop the worker with SIGTERM, remove its scrape target, delete the topics and the bucket when
+Cleanup: close the event producer, stop the worker with SIGTERM, remove its scrape target, delete the topics and the bucket when
 the stack stays up for someone else, and stop the stack parts that step 1 started (unless --keep-stack).
 """
 
@@ -155,6 +155,7 @@ def run_demo(args: argparse.Namespace, settings: Settings, *, out: TextIO = sys.
 
     stack = LocalStack()
     worker: WorkerProcess | None = None
+    producer: EventProducer | None = None
     s3 = None
     try:
         endpoints = stack.start()
@@ -186,6 +187,9 @@ def run_demo(args: argparse.Namespace, settings: Settings, *, out: TextIO = sys.
                 endpoints.prometheus_url, instance, len(result.captions)
             )
     finally:
+        # Kafka clients close before the stack parts stop, so none of them logs a refused connection.
+        if producer is not None:
+            producer.close()
         if worker is not None:
             result.worker_exit_code = worker.stop(WORKER_STOP_TIMEOUT_SECONDS)
         stack.remove_scrape_targets()

@@ -27,7 +27,7 @@ from types import ModuleType
 from typing import Any
 from urllib.parse import quote_plus
 
-from worker.logs import fields
+from worker.logs import KafkaClientLogger, fields
 from worker.settings import Settings, parse_key_values
 
 logger = logging.getLogger(__name__)
@@ -104,11 +104,20 @@ def free_port() -> int:
 # ---------------------------------------------------------------- Kafka and S3
 
 
+def client_config(bootstrap: str, **properties: Any) -> dict[str, Any]:
+    """Return the configuration of a helper Kafka client, whose librdkafka lines go through Python logging.
+
+    Without a `logger`, librdkafka prints its lines (`%3|...|FAIL|...` once the
+    broker is gone) straight to stderr, in the middle of the command's output.
+    """
+    return {"bootstrap.servers": bootstrap, **properties, "logger": KafkaClientLogger()}
+
+
 def create_topics(bootstrap: str, partitions_by_topic: dict[str, int], timeout: float = 30.0) -> None:
     """Create topics with replication factor 1 and wait until the broker confirms each."""
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(client_config(bootstrap))
     new_topics = [NewTopic(name, num_partitions=count, replication_factor=1) for name, count in partitions_by_topic.items()]
     for name, future in admin.create_topics(new_topics, operation_timeout=timeout).items():
         try:
@@ -121,7 +130,7 @@ def delete_topics(bootstrap: str, topics: Sequence[str], timeout: float = 30.0) 
     """Delete topics; failures are logged, because this runs during cleanup."""
     from confluent_kafka.admin import AdminClient
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(client_config(bootstrap))
     for name, future in admin.delete_topics(list(topics), operation_timeout=timeout).items():
         try:
             future.result(timeout)
@@ -247,7 +256,7 @@ class EventProducer:
         from confluent_kafka import Producer
 
         self.topic = topic
-        self._producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
+        self._producer = Producer(client_config(bootstrap, **{"enable.idempotence": True, "linger.ms": 5}))
         self.events: list[ProducedEvent] = []
         self.failures: list[str] = []
 
@@ -281,6 +290,15 @@ class EventProducer:
     def timestamps_by_offset(self) -> dict[tuple[int, int], float]:
         return {(e.partition, e.offset): e.timestamp for e in self.events if e.timestamp is not None}
 
+    def close(self, timeout: float = 10.0) -> None:
+        """Wait up to `timeout` seconds for outstanding events, drop the rest, and close the producer.
+
+        Call it before the broker stops, or librdkafka keeps reconnecting until the process exits.
+        """
+        if self._producer.flush(timeout):
+            self._producer.purge()
+        self._producer.close()
+
 
 @dataclass(frozen=True)
 class OutputRecord:
@@ -307,14 +325,16 @@ class OutputReader:
         from confluent_kafka import Consumer
 
         self._consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": f"caption-worker-reader-{uuid.uuid4().hex[:8]}",
-                "auto.offset.reset": "earliest",
-                "enable.auto.commit": False,
-                # Exactly-once runs abort transactions; only committed records count.
-                "isolation.level": "read_committed",
-            }
+            client_config(
+                bootstrap,
+                **{
+                    "group.id": f"caption-worker-reader-{uuid.uuid4().hex[:8]}",
+                    "auto.offset.reset": "earliest",
+                    "enable.auto.commit": False,
+                    # Exactly-once runs abort transactions; only committed records count.
+                    "isolation.level": "read_committed",
+                },
+            )
         )
         self._consumer.subscribe(list(topics))
 

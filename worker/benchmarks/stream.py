@@ -44,6 +44,7 @@ from worker.localrun import (
     UploadedObject,
     RunNames,
     WorkerProcess,
+    client_config,
     create_topics,
     delete_bucket,
     delete_topics,
@@ -194,6 +195,7 @@ def run_stream_phase(
     """
     extra = {"CAPTION_MAX_NEW_TOKENS": str(settings.max_new_tokens), "CAPTION_IGNORE_EOS": "true"}
     worker = start_worker(args, endpoints, names, log_dir, extra)
+    producer: EventProducer | None = None
     try:
         worker.wait_ready(READY_TIMEOUT_SECONDS)
         producer = EventProducer(endpoints.kafka_bootstrap, names.input_topic)
@@ -211,6 +213,8 @@ def run_stream_phase(
         producer.flush()
         peak_rss = worker.peak_rss_bytes()
     finally:
+        if producer is not None:
+            producer.close()
         exit_code = worker.stop(WORKER_STOP_TIMEOUT_SECONDS)
     if exit_code != 0:
         logger.warning("the worker exited with code %s after SIGTERM; log: %s", exit_code, worker.log_path)
@@ -335,15 +339,12 @@ def run_naive_phase(settings: Settings, endpoints: StackEndpoints, names: RunNam
     pipeline.generate(prompt, images=[ov.Tensor(warm_image[np.newaxis])], generation_config=config)
 
     consumer = Consumer(
-        {
-            "bootstrap.servers": endpoints.kafka_bootstrap,
-            "group.id": f"{names.group}-naive",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
+        client_config(
+            endpoints.kafka_bootstrap,
+            **{"group.id": f"{names.group}-naive", "auto.offset.reset": "earliest", "enable.auto.commit": False},
+        )
     )
-    # log_level 3 keeps librdkafka's informational lines about its own shutdown off stderr.
-    producer = Producer({"bootstrap.servers": endpoints.kafka_bootstrap, "log_level": 3})
+    producer = Producer(client_config(endpoints.kafka_bootstrap))
     consumer.subscribe([names.input_topic])
     latencies: list[float] = []
     started: float | None = None
@@ -371,6 +372,7 @@ def run_naive_phase(settings: Settings, endpoints: StackEndpoints, names: RunNam
             latencies.append(time.perf_counter() - began)
     finally:
         consumer.close()
+        producer.close()
     return PhaseResult(images=events, seconds=time.perf_counter() - (started or time.perf_counter()), latencies=latencies)
 
 
