@@ -27,15 +27,14 @@ def bad_files(tmp_path) -> dict[str, Path]:
     return {"text": text, "empty": empty, "truncated": truncated, "missing": tmp_path / "missing.jpg"}
 
 
-def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+def _run_cli(*args: str | bytes, text: bool = True, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "worker", "caption", *args],
         capture_output=True,
-        text=True,
+        text=text,
         timeout=300,
         cwd=ROOT,
-        env=env,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **env},
     )
 
 
@@ -64,6 +63,40 @@ def test_lines_follow_input_order_past_bad_files(tiny_model_dir, sample_photos, 
         "corrupt_image",
         None,
     ]
+
+
+def test_odd_file_names_give_utf8_json(tiny_model_dir, sample_photos, tmp_path):
+    photo = sample_photos[0].read_bytes()
+    non_utf8_name = os.fsencode(tmp_path) + b"/bad\xffname.jpg"
+    accented_name = os.fsencode(tmp_path) + "/café.jpg".encode()
+    missing_name = os.fsencode(tmp_path) + b"/missing\xfe.jpg"
+    for name in (non_utf8_name, accented_name):
+        with open(name, "wb") as file:
+            file.write(photo)
+
+    # PYTHONIOENCODING=ascii simulates a locale that is not UTF-8.
+    completed = _run_cli(
+        "--model",
+        str(tiny_model_dir),
+        "--max-new-tokens",
+        "4",
+        non_utf8_name,
+        accented_name,
+        missing_name,
+        text=False,
+        PYTHONIOENCODING="ascii",
+    )
+
+    lines = [json.loads(line) for line in completed.stdout.decode("utf-8").splitlines()]
+    assert completed.returncode == 1, completed.stderr
+    assert [line["image"] for line in lines] == [
+        f"{tmp_path}/bad\\xffname.jpg",
+        f"{tmp_path}/café.jpg",
+        f"{tmp_path}/missing\\xfe.jpg",
+    ]
+    assert "caption" in lines[0]
+    assert "caption" in lines[1]
+    assert lines[2]["error"]["message"] == f"file not found: {tmp_path}/missing\\xfe.jpg"
 
 
 def test_success_line_has_caption_and_timings(tiny_model_dir, sample_photos, capsys):

@@ -1,8 +1,9 @@
 """`caption-worker caption FILE...`: caption local image files, one JSON line per file.
 
-No Kafka and no S3. Lines come out on stdout in input order. A file that cannot
-be read, decoded or captioned gets an error line with the same `error` object as
-a dead-letter record, and the run goes on. Logs go to stderr.
+No Kafka and no S3. Lines come out on stdout in input order, as UTF-8 whatever
+the locale. A file that cannot be read, decoded or captioned gets an error line
+with the same `error` object as a dead-letter record, and the run goes on. Logs
+go to stderr.
 
 Exit codes: 0 when every file was captioned, 1 when any file failed, 2 for
 invalid settings, 4 when the model could not be loaded.
@@ -11,8 +12,10 @@ invalid settings, 4 when the model could not be loaded.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
+import os
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -42,6 +45,8 @@ class _FileJob:
 
     path: str
     started: float
+    # The path for output lines and logs, from printable_path().
+    name: str = ""
     read_seconds: float = 0.0
     decode_seconds: float = 0.0
     future: Future | None = None
@@ -68,6 +73,10 @@ def caption_command(args: argparse.Namespace) -> int:
         logger.exception("model could not be loaded", extra=fields(model=str(settings.model)))
         return EXIT_STARTUP
 
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # Consumers parse the lines as JSON, which is UTF-8 even under a C or Latin-1 locale.
+        # A lone surrogate that printable_path() missed becomes a JSON \u escape, not a raw byte.
+        sys.stdout.reconfigure(encoding="utf-8", errors="backslashreplace")
     try:
         failed = caption_files(engine, settings, list(args.files), sys.stdout)
     finally:
@@ -99,7 +108,7 @@ def caption_files(engine: Any, settings: Settings, paths: list[str], out: TextIO
     printer = _OrderedPrinter(engine.model_name, settings, out)
 
     for path in paths:
-        job = _FileJob(path=path, started=time.monotonic())
+        job = _FileJob(path=path, started=time.monotonic(), name=printable_path(path))
         pixels = _read_and_decode(job, limits, settings.max_image_bytes)
         if pixels is not None:
             _submit_when_room(engine, job, pixels, options, printer)
@@ -146,24 +155,40 @@ def _mark_finished(job: _FileJob) -> None:
 
 def read_image_file(path: Path, max_bytes: int) -> bytes:
     """Read a local image file; raise CaptionError with the code that S3 would give."""
+    name = printable_path(os.fspath(path))
     try:
         size = path.stat().st_size
         if path.is_dir():
-            raise CaptionError(ErrorCode.IMAGE_NOT_FOUND, f"{path} is a directory, not an image file")
+            raise CaptionError(ErrorCode.IMAGE_NOT_FOUND, f"{name} is a directory, not an image file")
         if size > max_bytes:
             raise CaptionError(
-                ErrorCode.OBJECT_TOO_LARGE, f"{path} has {size} bytes, more than max-image-bytes {max_bytes}"
+                ErrorCode.OBJECT_TOO_LARGE, f"{name} has {size} bytes, more than max-image-bytes {max_bytes}"
             )
         data = path.read_bytes()
     except FileNotFoundError:
-        raise CaptionError(ErrorCode.IMAGE_NOT_FOUND, f"file not found: {path}") from None
+        raise CaptionError(ErrorCode.IMAGE_NOT_FOUND, f"file not found: {name}") from None
     except PermissionError:
-        raise CaptionError(ErrorCode.ACCESS_DENIED, f"permission denied: {path}") from None
+        raise CaptionError(ErrorCode.ACCESS_DENIED, f"permission denied: {name}") from None
     except OSError as error:
-        raise CaptionError(ErrorCode.FETCH_FAILED, f"could not read {path}: {error.strerror or error}") from None
+        raise CaptionError(ErrorCode.FETCH_FAILED, f"could not read {name}: {error.strerror or error}") from None
     if not data:
-        raise CaptionError(ErrorCode.EMPTY_OBJECT, f"{path} is empty (0 bytes)")
+        raise CaptionError(ErrorCode.EMPTY_OBJECT, f"{name} is empty (0 bytes)")
     return data
+
+
+def printable_path(path: str) -> str:
+    """Return the path as valid Unicode text, writing each byte that is not UTF-8 as a \\xNN escape.
+
+    Python decodes such bytes of command-line arguments to lone surrogates (PEP 383),
+    which would make an output line invalid UTF-8. NOTE: a name that contains a
+    backslash followed by "xff" prints the same as one with the byte 0xff.
+    """
+    try:
+        raw = os.fsencode(path)
+    except UnicodeEncodeError:
+        # Only a caller in Python can pass text that the file system encoding cannot hold.
+        raw = path.encode("utf-8", errors="backslashreplace")
+    return raw.decode("utf-8", errors="backslashreplace")
 
 
 class _OrderedPrinter:
@@ -207,16 +232,16 @@ class _OrderedPrinter:
             except TimeoutError:
                 job.error = CaptionError(ErrorCode.GENERATION_FAILED, "no caption within request-timeout-seconds")
             except Exception as error:  # noqa: BLE001 - one file must not stop the others
-                logger.exception("caption failed unexpectedly", extra=fields(file=job.path))
+                logger.exception("caption failed unexpectedly", extra=fields(file=job.name))
                 job.error = CaptionError(ErrorCode.GENERATION_FAILED, f"unexpected error: {error!r}")
         if job.error is not None:
             logger.warning(
-                "file failed", extra=fields(file=job.path, code=job.error.code.value, error=job.error.message)
+                "file failed", extra=fields(file=job.name, code=job.error.code.value, error=job.error.message)
             )
-            return {"image": job.path, "error": job.error.to_dict()}
+            return {"image": job.name, "error": job.error.to_dict()}
         return {
-            "image": job.path,
-            "caption": result.text.strip(),
+            "image": job.name,
+            "caption": result.text,
             "model": self._model_name,
             "finish_reason": result.finish_reason,
             "generated_tokens": result.generated_tokens,
