@@ -1,5 +1,9 @@
 import base64
 import json
+import os
+import re
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -174,10 +178,23 @@ def test_producer_config_transactional_id():
     assert producer_config(settings)["transactional.id"] == "replica-0"
 
 
-def test_transactional_id_defaults_to_group_and_host(monkeypatch):
+def test_transactional_id_defaults_to_group_host_and_process(monkeypatch):
     monkeypatch.setattr("socket.gethostname", lambda: "pod-7")
     settings = load_settings(group_id="captions")
-    assert transactional_id(settings) == "captions-pod-7"
+    default = transactional_id(settings)
+
+    assert re.fullmatch(rf"captions-pod-7-{os.getpid()}-[0-9a-f]{{8}}", default), default
+    assert transactional_id(settings) == default, "one process must keep one id"
+
+
+def test_transactional_id_differs_between_processes():
+    code = "from worker.publishing import transactional_id; from worker.settings import load_settings; " \
+           "print(transactional_id(load_settings(group_id='captions')))"
+    ids = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+        for _ in range(2)
+    }
+    assert len(ids) == 2, ids
 
 
 def test_consumer_config_defaults():

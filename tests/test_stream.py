@@ -606,6 +606,26 @@ def test_fenced_producer_is_fatal(stream, sample_photos):
     assert second.stop() == EXIT_OK
 
 
+@pytest.mark.slow
+def test_exactly_once_workers_on_one_host_coexist(stream, sample_photos):
+    # Without --transactional-id, each process gets its own default id, so neither fences the other.
+    keys = stream.put_images(sample_photos, 12)
+    first = stream.start_worker("--delivery", "exactly-once")
+    second = stream.start_worker("--delivery", "exactly-once")
+    first.wait_ready()
+    second.wait_ready()
+    stream.send([stream.own_event(key) for key in keys])
+
+    results = stream.read(until=stream.covers_all_sent, settle_seconds=2)
+
+    assert results.errors == []
+    assert_no_duplicates(results)
+    assert first.process.poll() is None, f"first worker exited:\n{first.log_tail()}"
+    assert second.process.poll() is None, f"second worker exited:\n{second.log_tail()}"
+    assert first.stop() == EXIT_OK
+    assert second.stop() == EXIT_OK
+
+
 # ---------------------------------------------------------------- Kafka outages
 
 # Seconds that the broker stays away: longer than the session timeout and the socket timeout below.

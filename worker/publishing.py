@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import json
 import logging
+import os
+import secrets
 import socket
 import time
 from collections.abc import Callable
@@ -177,14 +180,23 @@ def build_error_record(
 
 
 def transactional_id(settings: Settings) -> str:
-    """Return the transactional.id of this replica: the setting, else `<group id>-<host name>`.
+    """Return the transactional.id of this process: the setting, else `<group id>-<host name>-<pid>-<8 hex digits>`.
 
-    Each replica that runs at the same time needs its own id, and a replica that
-    restarts should get the same one back (a StatefulSet pod name does both).
+    Producers that run at the same time need distinct ids, because a new producer
+    fences an older one with the same id. The host name and the process id alone
+    can repeat (two containers that share a host name), so a random part is added.
+    The id need not survive a restart: the worker sends offsets with the consumer's
+    group metadata, so the broker rejects the offsets of a replica that left the group.
     """
     if settings.transactional_id:
         return settings.transactional_id
-    return f"{settings.group_id}-{socket.gethostname()}"
+    return f"{settings.group_id}-{socket.gethostname()}-{_process_token()}"
+
+
+@functools.cache
+def _process_token() -> str:
+    # Computed once, so every producer config of one process has the same id.
+    return f"{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def producer_config(settings: Settings, *, error_cb: Callable[[KafkaError], None] | None = None) -> dict[str, Any]:

@@ -45,7 +45,9 @@ from worker.logs import KafkaClientLogger, RepeatLimiter, configure_logging, fie
 from worker.metrics import Metrics
 from worker.offsets import OffsetTracker
 from worker.pipeline import MessageWork, PartitionWork, TopicPartitionKey, WorkItem
-from worker.publishing import OutboundRecord, Publisher, SourceMessage, build_error_record, build_output_record
+from worker.publishing import (
+    OutboundRecord, Publisher, SourceMessage, build_error_record, build_output_record, transactional_id,
+)
 from worker.settings import Settings, SettingsError, load_settings
 
 logger = logging.getLogger(__name__)
@@ -212,8 +214,10 @@ class Worker:
         self.consumer.subscribe(
             [self.settings.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
-        logger.info("worker started", extra=fields(topic=self.settings.input_topic, group=self.settings.group_id,
-                                                     delivery=self.settings.delivery))
+        values = dict(topic=self.settings.input_topic, group=self.settings.group_id, delivery=self.settings.delivery)
+        if self.exactly_once:
+            values["transactional_id"] = transactional_id(self.settings)
+        logger.info("worker started", extra=fields(**values))
         self.next_checkpoint = time.monotonic() + self.settings.commit_interval_seconds
 
         while not self.stopping and self.fatal_error is None:
