@@ -48,6 +48,16 @@ def blank_bilevel_png(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixel_data) + chunk(b"IEND", b"")
 
 
+def png_header_only(width: int, height: int) -> bytes:
+    """Build a PNG whose header declares width x height but whose pixel data is empty."""
+
+    def chunk(tag: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
 def expect_error(data: bytes, code: ErrorCode, limits: ImageLimits = LIMITS) -> CaptionError:
     with pytest.raises(CaptionError) as caught:
         decode_image(data, limits)
@@ -201,6 +211,30 @@ def test_truncated_jpeg_is_corrupt_image():
     expect_error(data[: len(data) // 2], ErrorCode.CORRUPT_IMAGE)
 
 
+def jpeg_with_large_comment() -> bytes:
+    # The comment segment fills most of the file, so cutting it in half ends the data inside the header.
+    return encode(noise(256, 256), "JPEG", quality=90, comment=b"x" * 60_000)
+
+
+@pytest.mark.parametrize(
+    "complete",
+    [encode(noise(256, 256), "JPEG", quality=90), jpeg_with_large_comment()],
+    ids=["cut_in_pixel_data", "cut_in_header"],
+)
+def test_cut_jpeg_message_says_truncated(complete):
+    error = expect_error(complete[: len(complete) // 2], ErrorCode.CORRUPT_IMAGE)
+
+    assert "image data is truncated or incomplete" in error.message
+    assert "invalid" not in error.message
+
+
+def test_zero_size_png_message_names_header():
+    error = expect_error(png_header_only(0, 0), ErrorCode.CORRUPT_IMAGE)
+
+    assert "PNG header declares 0x0 pixels" in error.message
+    assert "object at 0x" not in error.message
+
+
 def test_png_with_broken_pixel_data_is_corrupt_image():
     data = bytearray(encode(noise(64, 64), "PNG"))
     middle = len(data) // 2
@@ -256,6 +290,15 @@ def test_huge_png_rejected_in_bounded_memory(tmp_path):
     result = json.loads(completed.stdout)
     assert result["code"] == "image_too_large"
     assert result["peak_growth_kib"] < 50 * 1024
+
+
+def test_pillow_bomb_limit_message_names_setting():
+    # 10^10 pixels is over twice Pillow's own limit, so Pillow rejects the header first.
+    error = expect_error(png_header_only(100_000, 100_000), ErrorCode.IMAGE_TOO_LARGE)
+
+    assert "10000000000 pixels" in error.message
+    assert f"maximum {LIMITS.max_pixels} (--max-image-pixels)" in error.message
+    assert str(2 * Image.MAX_IMAGE_PIXELS) not in error.message
 
 
 def test_image_over_max_pixels_is_rejected_before_decoding():

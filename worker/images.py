@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import io
 import logging
+import re
+import struct
 import time
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from worker.errors import CaptionError, ErrorCode
 from worker.logs import fields
@@ -39,6 +41,9 @@ ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 # Modes that carry more than 8 bits per sample; they are rescaled by their value range.
 _HIGH_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 _WHITE = (255, 255, 255, 255)
+
+# The pixel count in the message of Pillow's DecompressionBombError (checked on Pillow 13.0).
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
 
 
 @dataclass(frozen=True)
@@ -93,11 +98,11 @@ def decode_image(data: bytes, limits: ImageLimits) -> DecodedImage:
 
     image = _open_header(data, image_format, limits)
     header_size = image.size
-    frames = _count_frames(image)
+    frames = _count_frames(image, data, image_format, limits)
     if image_format == "JPEG" and limits.target_side:
         # Decode at 1/2, 1/4 or 1/8 scale while both sides stay >= target_side.
         image.draft(None, (limits.target_side, limits.target_side))
-    _load_pixels(image)
+    _load_pixels(image, data, image_format)
 
     stored_size = image.size
     image = _apply_orientation(image)
@@ -158,11 +163,9 @@ def _open_header(data: bytes, image_format: str, limits: ImageLimits) -> Image.I
     try:
         image = Image.open(io.BytesIO(data), formats=[image_format])
     except Image.DecompressionBombError as exc:
-        raise CaptionError(ErrorCode.IMAGE_TOO_LARGE, f"{image_format} image is too large to decode: {exc}") from None
+        raise _too_many_pixels(exc, "image", limits) from None
     except Exception as exc:  # noqa: BLE001 - Pillow's plugins raise many types on bad headers
-        raise CaptionError(
-            ErrorCode.CORRUPT_IMAGE, f"{image_format} header is invalid: {type(exc).__name__}: {exc}"
-        ) from None
+        raise _header_error(data, image_format, exc) from None
 
     width, height = image.size
     if width * height > limits.max_pixels:
@@ -194,16 +197,19 @@ def _check_dimensions(width: int, height: int, limits: ImageLimits) -> None:
         )
 
 
-def _count_frames(image: Image.Image) -> int:
+def _count_frames(image: Image.Image, data: bytes, image_format: str, limits: ImageLimits) -> int:
     try:
         frames = getattr(image, "n_frames", 1)
         image.seek(0)
+    except Image.DecompressionBombError as exc:
+        # A GIF frame may declare a larger size than the image's header.
+        raise _too_many_pixels(exc, "a frame", limits) from None
     except Exception as exc:  # noqa: BLE001 - walking frames parses the whole file
-        raise CaptionError(ErrorCode.CORRUPT_IMAGE, f"cannot read the frames: {type(exc).__name__}: {exc}") from None
+        raise _data_error(data, image_format, f"could not read the {image_format} frames", exc) from None
     return frames
 
 
-def _load_pixels(image: Image.Image) -> None:
+def _load_pixels(image: Image.Image, data: bytes, image_format: str) -> None:
     # A truncated file fails here instead of being decoded half grey, because
     # ImageFile.LOAD_TRUNCATED_IMAGES stays False.
     try:
@@ -211,7 +217,84 @@ def _load_pixels(image: Image.Image) -> None:
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError, zlib.error...
-        raise CaptionError(ErrorCode.CORRUPT_IMAGE, f"image does not decode: {type(exc).__name__}: {exc}") from None
+        raise _data_error(data, image_format, f"could not decode the {image_format} pixel data", exc) from None
+
+
+def _too_many_pixels(exc: Image.DecompressionBombError, what: str, limits: ImageLimits) -> CaptionError:
+    # Pillow raises this above twice its own limit, which is kept at or above max_pixels,
+    # so the image is over max_pixels either way. Its message names Pillow's limit, not ours.
+    match = _BOMB_PIXELS.search(str(exc))
+    size = f"{match.group(1)} pixels" if match else f"more than {2 * Image.MAX_IMAGE_PIXELS} pixels"
+    return CaptionError(
+        ErrorCode.IMAGE_TOO_LARGE, f"{what} is {size}, maximum {limits.max_pixels} (--max-image-pixels)"
+    )
+
+
+def _header_error(data: bytes, image_format: str, exc: Exception) -> CaptionError:
+    """Return a corrupt_image error that explains why Pillow could not open the header of an accepted format."""
+    png_size = _png_header_size(data) if image_format == "PNG" else None
+    if png_size is not None and 0 in png_size:
+        message = f"PNG header declares {png_size[0]}x{png_size[1]} pixels, so the image has no pixels"
+        return CaptionError(ErrorCode.CORRUPT_IMAGE, message)
+    if isinstance(exc, UnidentifiedImageError) and not _ends_early(data, image_format):
+        # Pillow drops the plugin's reason here, and its message shows only the repr of a buffer.
+        message = (
+            f"could not read the {image_format} header: "
+            f"the data starts like {image_format} but the header is invalid"
+        )
+        return CaptionError(ErrorCode.CORRUPT_IMAGE, message)
+    return _data_error(data, image_format, f"could not read the {image_format} header", exc)
+
+
+def _data_error(data: bytes, image_format: str, failure: str, exc: Exception) -> CaptionError:
+    """Return a corrupt_image error that reports truncation when the data looks cut short, else Pillow's reason."""
+    if _is_truncation(exc) or _ends_early(data, image_format):
+        return CaptionError(
+            ErrorCode.CORRUPT_IMAGE, f"{failure}: image data is truncated or incomplete ({len(data)} bytes)"
+        )
+    reason = str(exc) or type(exc).__name__
+    return CaptionError(ErrorCode.CORRUPT_IMAGE, f"{failure}: {reason}")
+
+
+def _is_truncation(exc: Exception) -> bool:
+    # Pillow 13.0 reports data that ends early as "image file is truncated",
+    # "Truncated File Read" or "truncated PNG file", and some plugins let EOFError
+    # or struct.error through.
+    return isinstance(exc, (EOFError, struct.error)) or "truncated" in str(exc).lower()
+
+
+def _ends_early(data: bytes, image_format: str) -> bool:
+    """Return True when the data lacks the end marker or the length that its format declares.
+
+    Only a hint for data that already failed to decode, because a JPEG may carry bytes
+    after its end-of-image marker.
+    """
+    tail = data[-16:].rstrip(b"\x00")
+    if image_format == "JPEG":
+        return not tail.endswith(b"\xff\xd9")
+    if image_format == "PNG":
+        return b"IEND" not in tail
+    if image_format == "GIF":
+        return not tail.endswith(b"\x3b")
+    if image_format == "WEBP" and len(data) >= 8:
+        # The RIFF header gives the length of everything after its first 8 bytes.
+        return len(data) < 8 + int.from_bytes(data[4:8], "little")
+    if image_format == "BMP" and len(data) >= 6:
+        # The file header gives the file's length, which some writers leave at 0.
+        return len(data) < int.from_bytes(data[2:6], "little")
+    if image_format == "TIFF":
+        # The first image file directory must start inside the data.
+        byte_order = "little" if data.startswith(b"II") else "big"
+        return len(data) < 8 or len(data) <= int.from_bytes(data[4:8], byte_order)
+    return False
+
+
+def _png_header_size(data: bytes) -> tuple[int, int] | None:
+    """Return the width and height in a PNG's IHDR chunk, or None when the data ends before them."""
+    if len(data) < 24 or data[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
 
 
 def _apply_orientation(image: Image.Image) -> Image.Image:
