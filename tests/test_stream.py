@@ -626,6 +626,40 @@ def test_exactly_once_workers_on_one_host_coexist(stream, sample_photos):
     assert second.stop() == EXIT_OK
 
 
+def wait_for_metric_value(worker: WorkerProcess, sample: str, expected: float, timeout: float = 30.0) -> None:
+    """Wait up to `timeout` seconds until /metrics reports `expected` for `sample`."""
+    deadline = time.monotonic() + timeout
+    lines: list[str] = []
+    while time.monotonic() < deadline:
+        lines = [line for line in http_get(worker.url("/metrics"))[1].splitlines() if line.startswith(sample + " ")]
+        if lines and float(lines[0].split()[-1]) == expected:
+            return
+        time.sleep(0.5)
+    pytest.fail(f"{sample} is not {expected} after {timeout} s: {lines or 'not exported'}")
+
+
+@pytest.mark.slow
+def test_exactly_once_lag_reaches_zero(stream, sample_photos):
+    keys = stream.put_images(sample_photos, 12)
+    transactional = ("--delivery", "exactly-once", "--kafka-option", "statistics.interval.ms=500")
+    stream.send([stream.own_event(key) for key in keys[:6]])
+    first = stream.start_worker(*transactional)
+    first.wait_ready()
+    stream.read(until=stream.covers_all_sent)
+    assert first.stop() == EXIT_OK
+
+    # The restarted consumer reads the committed offsets once, at its assignment, and
+    # the transactions after that must still bring its lag down.
+    stream.send([stream.own_event(key) for key in keys[6:]])
+    second = stream.start_worker(*transactional)
+    second.wait_ready()
+    stream.read(until=stream.covers_all_sent)
+
+    for partition in sorted({partition for partition, _ in stream.sent}):
+        wait_for_metric_value(second, f'caption_worker_consumer_lag{{partition="{partition}"}}', 0.0)
+    assert second.stop() == EXIT_OK
+
+
 # ---------------------------------------------------------------- Kafka outages
 
 # Seconds that the broker stays away: longer than the session timeout and the socket timeout below.

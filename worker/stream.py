@@ -913,9 +913,26 @@ class Worker:
             self.brokers_down = False
         topic = self.settings.input_topic
         for name, entry in stats.get("topics", {}).get(topic, {}).get("partitions", {}).items():
-            lag = entry.get("consumer_lag", -1)
-            if (topic, int(name)) in self.partitions and lag >= 0:
+            tp = (topic, int(name))
+            lag = self._consumer_lag(tp, entry) if tp in self.partitions else None
+            if lag is not None:
                 self.metrics.consumer_lag.labels(partition=name).set(lag)
+
+    def _consumer_lag(self, tp: TopicPartitionKey, entry: dict[str, Any]) -> int | None:
+        """Return the messages between a partition's end offset and this worker's committed position.
+
+        librdkafka's own `consumer_lag` counts from the committed offset that the consumer
+        knows. In exactly-once mode the producer commits the offsets inside each transaction,
+        so the consumer never learns them and that value stays where the assignment found it.
+        Its value is used only before this worker has seen a message of the partition.
+        """
+        # A read_committed consumer reads up to the last stable offset, not the high watermark.
+        end = entry.get("ls_offset" if self.exactly_once else "hi_offset", -1)
+        committed = self.tracker.committed(tp)
+        if end >= 0 and committed is not None:
+            return max(0, end - committed)
+        lag = entry.get("consumer_lag", -1)
+        return lag if lag >= 0 else None
 
     def _item_fields(self, item: WorkItem, **extra: Any) -> dict[str, Any]:
         return fields(**self._item_values(item, **extra))
