@@ -516,10 +516,25 @@ def wait_unready(worker: WorkerProcess, timeout: float = 60.0) -> str:
     pytest.fail(f"worker still ready {timeout} s into the outage:\n{worker.log_tail()}")
 
 
+def captions_during_s3_outage(log_text: str) -> list[str]:
+    """Return the `image captioned` log lines written while the worker reported an S3 outage."""
+    captioned = []
+    in_outage = False
+    for line in log_text.splitlines():
+        if "dependency=s3" in line and "outage: intake paused" in line:
+            in_outage = True
+        elif "dependency=s3" in line and "outage over" in line:
+            in_outage = False
+        elif in_outage and '"image captioned"' in line:
+            captioned.append(line)
+    return captioned
+
+
 def run_outage(stream: Stream, sample_photos, start_outage, end_outage) -> None:
     keys = stream.put_images(sample_photos, 16)
     stream.send([stream.own_event(key) for key in keys[:6]])
-    worker = stream.start_worker(*OUTAGE_WORKER_ARGS)
+    # Debug lines show each caption, so the log tells whether captions flowed while the worker was unready.
+    worker = stream.start_worker(*OUTAGE_WORKER_ARGS, "--log-level", "DEBUG")
     worker.wait_ready()
     stream.read(until=lambda r: len(r.outputs) >= 6)
 
@@ -536,6 +551,11 @@ def run_outage(stream: Stream, sample_photos, start_outage, end_outage) -> None:
     assert results.errors == [], f"dead-lettered during the outage: {results.errors}"
     worker.wait_ready()
     assert worker.stop() == EXIT_OK
+
+    log_text = worker.log_path.read_text(errors="replace")
+    assert "outage over: intake resumed" in log_text
+    # The first fetch that reaches the store again ends the outage, before its image is captioned.
+    assert captions_during_s3_outage(log_text) == []
 
 
 @pytest.mark.slow

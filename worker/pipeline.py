@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 TopicPartitionKey = tuple[str, int]
 
 # Backoff of an image whose fetch met an unhealthy store: doubles from the first to the last value.
+# The cap is low because these retries are how the worker notices that the store is back.
 RETRY_FIRST_SECONDS = 0.5
-RETRY_MAX_SECONDS = 30.0
+RETRY_MAX_SECONDS = 4.0
 
 
 @dataclass(eq=False)

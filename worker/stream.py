@@ -422,12 +422,16 @@ class Worker:
                                  **self._item_values(item, error=str(error), retry_in_seconds=round(delay, 1)))
             return
         except CaptionError as error:
+            # A retried fetch that ends in a final outcome got a response from the store.
+            if item.transient_failures:
+                self._release_fetch_retries()
             self._fail(item, error)
             return
         except Exception as error:  # noqa: BLE001 - one image must not stop the stream
             logger.exception("fetch or decode failed unexpectedly", extra=self._item_fields(item))
             self._fail(item, CaptionError(ErrorCode.FETCH_FAILED, f"unexpected error: {error!r}", retryable=True))
             return
+        self._release_fetch_retries()
         self.metrics.decode.observe(item.decode_seconds)
         self.waiting.append(item)
 
@@ -566,6 +570,16 @@ class Worker:
         self.metrics.messages.labels(outcome=outcome).inc()
 
     # ------------------------------------------------------------------ retries and outages
+
+    def _release_fetch_retries(self) -> None:
+        """Make every fetch that waits for a retry due now, because a fetch has just reached the store.
+
+        The next `_retry_due_fetches` starts them all, which ends the S3 outage in the same
+        loop step, instead of after the longest backoff among them.
+        """
+        now = time.monotonic()
+        for item in self.fetch_retries:
+            item.retry_at = min(item.retry_at, now)
 
     def _retry_due_fetches(self) -> None:
         now = time.monotonic()
