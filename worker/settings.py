@@ -67,8 +67,8 @@ class Settings(BaseSettings):
         "at-least-once", description="at-least-once, or exactly-once with Kafka transactions"
     )
     transactional_id: str | None = Field(
-        None, description="Kafka transactional.id with --delivery exactly-once, unique per replica; "
-        "default <group-id>-<host name>"
+        None, description="Kafka transactional.id with --delivery exactly-once, unique per running process; "
+        "default <group-id>-<host name>-<process id>-<8 random hex digits>, new at each start"
     )
     max_in_flight: int = Field(64, ge=1, le=4096, description="images fetched, decoded or captioned at once")
     commit_interval_seconds: float = Field(5.0, gt=0, description="seconds between offset commits")

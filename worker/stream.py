@@ -35,7 +35,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from worker import __version__
 from worker.cli import EXIT_DRAIN_TIMEOUT, EXIT_FAILURE, EXIT_KAFKA_FATAL, EXIT_OK, EXIT_SIGNAL, EXIT_STARTUP, EXIT_USAGE
-from worker.engine import CaptionEngine, GenerationOptions
+from worker.engine import CaptionEngine, GenerationOptions, ModelLoadError
 from worker.errors import CaptionError, EngineFull, ErrorCode, TransientError
 from worker.events import parse_message
 from worker.fetching import Fetcher
@@ -1002,6 +1002,10 @@ def _run_with_server(settings: Settings, metrics: Metrics, health: HealthState, 
     try:
         engine = CaptionEngine.from_settings(settings, metrics)
         fetcher = Fetcher(settings, metrics)
+    except ModelLoadError as exc:
+        # The message names the missing or invalid file; a traceback adds nothing.
+        logger.error("startup failed: model could not be loaded", extra=fields(model=str(settings.model), error=str(exc)))
+        return EXIT_STARTUP
     except Exception:
         logger.exception("startup failed: model or dependency could not be loaded")
         return EXIT_STARTUP
@@ -1019,6 +1023,10 @@ def _run_with_server(settings: Settings, metrics: Metrics, health: HealthState, 
             health.set_model_loaded()
             engine.warm_up()
             health.set_warmed_up()
+        except ModelLoadError as exc:
+            logger.error("startup failed: model could not be loaded", extra=fields(model=str(settings.model), error=str(exc)))
+            worker.close_unstarted()
+            return EXIT_STARTUP
         except Exception:
             logger.exception("startup failed: model or dependency could not be loaded")
             worker.close_unstarted()
