@@ -26,8 +26,8 @@ from typing import Any, TextIO
 from worker.cli import EXIT_OK, EXIT_STARTUP, EXIT_USAGE
 from worker.errors import CaptionError, EngineFull, ErrorCode
 from worker.images import ImageLimits, decode_image
-from worker.logs import configure_logging, fields
-from worker.settings import Settings, SettingsError, load_settings
+from worker.logs import fields
+from worker.settings import Settings, load_command_settings
 
 logger = logging.getLogger(__name__)
 
@@ -82,17 +82,6 @@ def caption_command(args: argparse.Namespace) -> int:
     finally:
         engine.close(settings.drain_timeout_seconds)
     return EXIT_SOME_FAILED if failed else EXIT_OK
-
-
-def load_command_settings(args: argparse.Namespace) -> Settings | None:
-    """Load settings and configure logging; print the error and return None when a setting is invalid."""
-    try:
-        settings = load_settings(args)
-    except SettingsError as error:
-        print(error, file=sys.stderr)
-        return None
-    configure_logging(settings.log_level, settings.log_format)
-    return settings
 
 
 def caption_files(engine: Any, settings: Settings, paths: list[str], out: TextIO) -> int:

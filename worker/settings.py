@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 from typing import Annotated, Any, Literal
@@ -321,3 +322,16 @@ def load_settings(args: argparse.Namespace | None = None, **overrides: Any) -> S
             else:
                 lines.append(f"invalid settings: {message}")
         raise SettingsError("\n".join(lines)) from None
+
+
+def load_command_settings(args: argparse.Namespace) -> Settings | None:
+    """Load settings for a command and configure logging; print the error and return None when invalid."""
+    from worker.logs import configure_logging
+
+    try:
+        settings = load_settings(args)
+    except SettingsError as error:
+        print(error, file=sys.stderr)
+        return None
+    configure_logging(settings.log_level, settings.log_format)
+    return settings

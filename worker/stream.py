@@ -23,7 +23,6 @@ import logging
 import os
 import queue
 import signal
-import sys
 import threading
 import time
 from collections import deque
@@ -41,14 +40,14 @@ from worker.events import parse_message
 from worker.fetching import Fetcher
 from worker.health import HealthServer, HealthState
 from worker.images import DecodedImage, ImageLimits, decode_image
-from worker.logs import KafkaClientLogger, RepeatLimiter, configure_logging, fields
+from worker.logs import KafkaClientLogger, RepeatLimiter, fields
 from worker.metrics import Metrics
 from worker.offsets import OffsetTracker
 from worker.pipeline import MessageWork, PartitionWork, TopicPartitionKey, WorkItem
 from worker.publishing import (
     OutboundRecord, Publisher, SourceMessage, build_error_record, build_output_record, transactional_id,
 )
-from worker.settings import Settings, SettingsError, load_settings
+from worker.settings import Settings, load_command_settings
 
 logger = logging.getLogger(__name__)
 
@@ -963,12 +962,9 @@ class Worker:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run the streaming worker until a signal or a fatal error, and return the process exit code."""
-    try:
-        settings = load_settings(args)
-    except SettingsError as error:
-        print(error, file=sys.stderr)
+    settings = load_command_settings(args)
+    if settings is None:
         return EXIT_USAGE
-    configure_logging(settings.log_level, settings.log_format)
     logger.info("settings", extra=fields(summary=settings.summary()))
 
     metrics = Metrics()

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from worker.captioning import load_command_settings
+from worker.settings import load_command_settings
 from worker.cli import EXIT_OK, EXIT_USAGE
 from worker.benchmarks.stream import decode_photos
 from worker.localrun import percentile
