@@ -29,9 +29,8 @@ class ErrorCode(enum.StrEnum):
 class CaptionError(Exception):
     """A failure of one image that is final for this attempt and goes to the dead-letter topic.
 
-    `retryable` tells a consumer of the dead-letter topic whether replaying the
-    input later may succeed (a store that kept failing), as opposed to input
-    that is bad and will fail again.
+    `retryable` is true when replaying the input later may succeed, because the
+    store kept failing on it, and false for input that is bad and will fail again.
     """
 
     def __init__(self, code: ErrorCode, message: str, *, retryable: bool = False) -> None:
