@@ -574,6 +574,36 @@ def test_refused_store_pauses_then_resumes(outage_stream, private_s3, sample_pho
     run_outage(outage_stream, sample_photos, proxy.stop, proxy.start)
 
 
+# Port 1 on loopback has no listener, so every connection to this S3 endpoint is refused.
+UNREACHABLE_S3_ENDPOINT = "http://127.0.0.1:1"
+UNREACHABLE_HOLD_SECONDS = 10.0
+
+
+def log_lines_with(worker: WorkerProcess, *parts: str) -> list[str]:
+    log_text = worker.log_path.read_text(errors="replace")
+    return [line for line in log_text.splitlines() if all(part in line for part in parts)]
+
+
+def test_unreachable_store_outage_never_ends(stream):
+    stream.send([stream.own_event("uploads/missing.jpg")])
+    worker = stream.start_worker(*OUTAGE_WORKER_ARGS, "--s3-endpoint-url", UNREACHABLE_S3_ENDPOINT)
+
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    while not log_lines_with(worker, "outage: intake paused", "dependency=s3"):
+        assert worker.process.poll() is None, f"worker exited before the outage:\n{worker.log_tail()}"
+        assert time.monotonic() < deadline, f"no S3 outage within {READY_TIMEOUT_SECONDS} s:\n{worker.log_tail()}"
+        time.sleep(0.3)
+
+    # Several retries with backoff (0.5 s doubling to 4 s) fail within this time.
+    time.sleep(UNREACHABLE_HOLD_SECONDS)
+    assert log_lines_with(worker, "outage over", "dependency=s3") == []
+    assert len(log_lines_with(worker, "outage: intake paused", "dependency=s3")) == 1
+    assert http_get(worker.url("/readyz"))[0] == 503
+    # The event is retried, never dead-lettered, so the drain cannot finish.
+    worker.process.kill()
+    worker.process.wait(EXIT_TIMEOUT_SECONDS)
+
+
 def start_stuck_worker(stream: Stream, process: subprocess.Popen, *extra_args: str) -> WorkerProcess:
     """Start a worker whose images cannot be fetched, because the store stopped responding."""
     keys = stream.put_images([Path(__file__).parent.parent / "worker" / "samples" / "chelsea.jpg"], 4)

@@ -188,6 +188,10 @@ class Fetcher:
         self._metrics.image_bytes.observe(len(data))
         return FetchedObject(data=data, fetch_seconds=seconds, attempts=attempts)
 
+    def responded_since(self, moment: float) -> bool:
+        """Return True when the store has responded to a fetch or probe at or after `moment` (monotonic seconds)."""
+        return self._health.responded_since(moment)
+
     def store_healthy(self) -> bool:
         """Return False while the store is judged unhealthy, probing it again at most every few seconds."""
         if self._health.is_healthy():

@@ -180,6 +180,9 @@ class Worker:
         # `bench stream`, so the loop pauses for lack of room only when this backlog is full.
         self.backlog: deque[Message] = deque()
         self.fetch_retries: list[WorkItem] = []  # fetches that met an unhealthy store
+        self.retried_fetches: set[WorkItem] = set()  # retries of such fetches, in the fetch pool
+        # Monotonic time when the S3 outage began, or None. It ends only when the store responds after this time.
+        self.s3_outage_since: float | None = None
         self.redeliveries: list[WorkItem] = []  # records whose delivery failed
         self.brokers_down = False
         self.fatal_error: KafkaError | None = None
@@ -326,6 +329,7 @@ class Worker:
                 self._after_fetch(item, future)
             else:
                 self._after_caption(item, future)
+        self._end_s3_outage_if_store_responded()
         self._retry_due_fetches()
         self._submit_waiting()
         self._redeliver_due()
@@ -412,25 +416,24 @@ class Worker:
         self.completed.put((stage, item, future))
 
     def _after_fetch(self, item: WorkItem, future: Future) -> None:
+        self.retried_fetches.discard(item)
         try:
             item.decoded = future.result()
         except TransientError as error:
+            if self.s3_outage_since is None:
+                self.s3_outage_since = time.monotonic()
             delay = item.schedule_retry()
             self.fetch_retries.append(item)
             self.log_limiter.log(logger, logging.WARNING, "fetch failed on an unhealthy store, will retry",
                                  **self._item_values(item, error=str(error), retry_in_seconds=round(delay, 1)))
             return
         except CaptionError as error:
-            # A retried fetch that ends in a final outcome got a response from the store.
-            if item.transient_failures:
-                self._release_fetch_retries()
             self._fail(item, error)
             return
         except Exception as error:  # noqa: BLE001 - one image must not stop the stream
             logger.exception("fetch or decode failed unexpectedly", extra=self._item_fields(item))
             self._fail(item, CaptionError(ErrorCode.FETCH_FAILED, f"unexpected error: {error!r}", retryable=True))
             return
-        self._release_fetch_retries()
         self.metrics.decode.observe(item.decode_seconds)
         self.waiting.append(item)
 
@@ -570,12 +573,16 @@ class Worker:
 
     # ------------------------------------------------------------------ retries and outages
 
-    def _release_fetch_retries(self) -> None:
-        """Make every fetch that waits for a retry due now, because a fetch has just reached the store.
+    def _end_s3_outage_if_store_responded(self) -> None:
+        """End the S3 outage once the store has responded to a fetch or probe, and make every waiting retry due now.
 
-        The next `_retry_due_fetches` starts them all, which ends the S3 outage in the same
-        loop step, instead of after the longest backoff among them.
+        The fetcher records only responses about an object (data, not found, access denied
+        and the like) or to a probe. So a fetch that failed before sending a request,
+        such as one for a bucket that is not allowed, does not end the outage.
         """
+        if self.s3_outage_since is None or not self.fetcher.responded_since(self.s3_outage_since):
+            return
+        self.s3_outage_since = None
         now = time.monotonic()
         for item in self.fetch_retries:
             item.retry_at = min(item.retry_at, now)
@@ -585,6 +592,7 @@ class Worker:
         due = [item for item in self.fetch_retries if item.retry_at <= now and not item.partition.revoked]
         self.fetch_retries = [item for item in self.fetch_retries if item.retry_at > now and not item.partition.revoked]
         for item in due:
+            self.retried_fetches.add(item)
             self._start_fetch(item)
 
     def _redeliver_due(self) -> None:
@@ -596,8 +604,17 @@ class Worker:
             self.publisher.produce(item.record, functools.partial(self._on_delivered, item))
 
     def _update_outages(self) -> None:
-        """Mark S3 or Kafka as down while any image or record waits for it; log each change once."""
-        self._set_outage("s3", bool(self.fetch_retries))
+        """Mark S3 or Kafka as down while any image or record waits for it; log each change once.
+
+        A retried fetch in flight keeps the S3 outage on, because only a response of the
+        store ends it. When no image waits for S3 any more (its partition was revoked), the
+        outage ends too, because no retry is left to notice that the store is back.
+        """
+        self.fetch_retries = [item for item in self.fetch_retries if not item.partition.revoked]
+        self.retried_fetches = {item for item in self.retried_fetches if not item.partition.revoked}
+        if not self.fetch_retries and not self.retried_fetches:
+            self.s3_outage_since = None
+        self._set_outage("s3", self.s3_outage_since is not None)
         self._set_outage("kafka", self.brokers_down or bool(self.redeliveries))
 
     def _set_outage(self, dependency: str, active: bool) -> None:
