@@ -387,7 +387,7 @@ def test_containers_run_restricted():
 
 
 # Seconds that the worker's shutdown steps after the drain can take: flush, final commit,
-# consumer close and engine close, 15 s each (worker/stream.py); a final transaction can take 60 s.
+# consumer close and engine close take 15 s each (worker/stream.py). A final transaction can take 60 s.
 SHUTDOWN_STEPS_SECONDS = FLUSH_TIMEOUT_SECONDS + COMMIT_TIMEOUT_SECONDS + 2 * CLOSE_TIMEOUT_SECONDS
 TRANSACTION_STEPS_SECONDS = SHUTDOWN_STEPS_SECONDS - COMMIT_TIMEOUT_SECONDS + 2 * TRANSACTION_TIMEOUT_SECONDS
 GRACE_MARGIN_SECONDS = 15

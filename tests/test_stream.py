@@ -533,7 +533,7 @@ def captions_during_s3_outage(log_text: str) -> list[str]:
 def run_outage(stream: Stream, sample_photos, start_outage, end_outage) -> None:
     keys = stream.put_images(sample_photos, 16)
     stream.send([stream.own_event(key) for key in keys[:6]])
-    # Debug lines show each caption, so the log tells whether captions flowed while the worker was unready.
+    # Debug lines log each caption, so the log shows whether captions flowed while the worker was unready.
     worker = stream.start_worker(*OUTAGE_WORKER_ARGS, "--log-level", "DEBUG")
     worker.wait_ready()
     stream.read(until=lambda r: len(r.outputs) >= 6)

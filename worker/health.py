@@ -3,8 +3,8 @@
 /healthz fails when the worker is wedged: the consumer has not polled for more
 than max_poll_gap_seconds, or the Kafka client reported a fatal error. /readyz
 passes only once the model is loaded, a warm-up caption succeeded and the
-consumer is in its group, and fails again while the worker is wedged, out of its
-group after a session timeout, or in an outage of S3 or the broker.
+consumer is in its group. It fails again while the worker is wedged, while it is
+out of its group after a session timeout, and during an outage of S3 or the broker.
 """
 
 from __future__ import annotations

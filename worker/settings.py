@@ -85,7 +85,7 @@ class Settings(BaseSettings):
     device: str = Field("CPU", description="OpenVINO device")
     system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, description="system turn of the chat template")
     prompt: str = Field(DEFAULT_PROMPT, description="user instruction sent with each image")
-    max_prompt_chars: int = Field(2000, ge=1, description="longest prompt that an event may set")
+    max_prompt_chars: int = Field(2000, ge=1, description="maximum length in characters of a prompt that an event sets")
     max_new_tokens: int = Field(128, ge=1, le=8192, description="maximum generated tokens per caption")
     do_sample: bool = Field(False, description="sample instead of greedy decoding")
     temperature: float = Field(1.0, gt=0, description="sampling temperature, with --do-sample")
@@ -202,7 +202,7 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
         # Error records carry the image URI, so a dead-letter topic read as input would
-        # turn one bad event into an endless loop; the same holds for the output topic.
+        # turn one bad event into an endless loop. An output topic read as input would too.
         if self.input_topic in (self.output_topic, self.dlq_topic):
             raise ValueError(
                 f"--input-topic {self.input_topic!r} must differ from --output-topic and --dlq-topic"

@@ -652,9 +652,9 @@ class Worker:
     def _apply_backpressure(self) -> None:
         """Pause every assigned partition while the backlog is full, in an outage or when stopping, else resume."""
         reason = self._pause_reason()
-        wanted = set(self.partitions) if reason else set()
-        to_pause = wanted - self.paused
-        to_resume = (self.paused | (self.newly_assigned & set(self.partitions))) - wanted
+        target = set(self.partitions) if reason else set()
+        to_pause = target - self.paused
+        to_resume = (self.paused | (self.newly_assigned & set(self.partitions))) - target
         try:
             if to_pause:
                 self.consumer.pause([TopicPartition(topic, partition) for topic, partition in to_pause])
@@ -669,8 +669,8 @@ class Worker:
             # A full backlog comes and goes under full load, so only outages and shutdown log at info.
             level = logging.DEBUG if reason in (None, "backlog full") else logging.INFO
             logger.log(level, "partitions paused" if reason else "partitions resumed",
-                       extra=fields(reason=reason, partitions=len(wanted or to_resume)))
-        self.paused = wanted
+                       extra=fields(reason=reason, partitions=len(target or to_resume)))
+        self.paused = target
         self.metrics.paused_partitions.set(len(self.paused))
 
     def _in_flight(self) -> int:
@@ -951,8 +951,8 @@ class Worker:
     def _consumer_lag(self, tp: TopicPartitionKey, entry: dict[str, Any]) -> int | None:
         """Return the messages between a partition's end offset and this worker's committed position.
 
-        librdkafka's own `consumer_lag` counts from the committed offset that the consumer
-        knows. In exactly-once mode the producer commits the offsets inside each transaction,
+        librdkafka's own `consumer_lag` counts from the committed offset stored in the
+        consumer. In exactly-once mode the producer commits the offsets inside each transaction,
         so the consumer never learns them and that value stays where the assignment found it.
         Its value is used only before this worker has seen a message of the partition.
         """
