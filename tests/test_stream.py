@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -27,8 +28,8 @@ from confluent_kafka.admin import (
 )
 
 from http_client import http_get
-from worker.cli import EXIT_DRAIN_TIMEOUT, EXIT_KAFKA_FATAL, EXIT_OK, EXIT_SIGNAL, EXIT_USAGE
-from worker.localrun import create_topics, free_port
+from worker.cli import EXIT_DRAIN_TIMEOUT, EXIT_ENGINE_STOPPED, EXIT_KAFKA_FATAL, EXIT_OK, EXIT_SIGNAL, EXIT_USAGE
+from worker.localrun import create_topics, find_engine_pid, free_port
 
 # Upper bounds for waits. A healthy run finishes far sooner, and each timeout names what was missing.
 READY_TIMEOUT_SECONDS = 120.0
@@ -340,6 +341,26 @@ def test_sigkill_then_restart_loses_nothing(stream, sample_photos):
     stream.start_worker().wait_ready()
     results = stream.read(until=stream.covers_all_sent)
 
+    assert results.errors == []
+    assert set(stream.sent) <= set(results.sources())
+
+
+def test_engine_process_death_stops_the_worker_and_loses_nothing(stream, sample_photos):
+    keys = stream.put_images(sample_photos, 30)
+    stream.send([stream.own_event(key) for key in keys])
+    # Long captions, so that images are in the engine when its process is killed.
+    worker = stream.start_worker("--max-new-tokens", "1000", "--ignore-eos")
+    worker.wait_ready()
+    stream.read(until=lambda r: len(r.outputs) >= 2)
+    engine_pid = find_engine_pid(worker.process.pid)
+    assert engine_pid is not None
+    os.kill(engine_pid, signal.SIGKILL)
+
+    assert worker.process.wait(EXIT_TIMEOUT_SECONDS) == EXIT_ENGINE_STOPPED
+    assert "caption engine process stopped unexpectedly" in worker.log_tail(80)
+
+    stream.start_worker().wait_ready()
+    results = stream.read(until=stream.covers_all_sent)
     assert results.errors == []
     assert set(stream.sent) <= set(results.sources())
 

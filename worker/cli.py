@@ -21,6 +21,7 @@ EXIT_USAGE = 2  # invalid flags or settings
 EXIT_KAFKA_FATAL = 3  # a fatal Kafka client error, a fenced producer included
 EXIT_STARTUP = 4  # the model or a dependency could not be loaded at startup
 EXIT_DRAIN_TIMEOUT = 5  # shutdown gave up waiting for in-flight captions; their offsets stay uncommitted
+EXIT_ENGINE_STOPPED = 6  # the caption engine's process died; unfinished offsets stay uncommitted
 EXIT_SIGNAL = 130  # a second SIGINT or SIGTERM stopped the worker at once
 
 

@@ -28,11 +28,11 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import numpy as np
 
-from worker.errors import CaptionError, EngineFull, ErrorCode
+from worker.errors import CaptionError, EngineFull, EngineStopped, ErrorCode
 from worker.logs import fields
 from worker.metrics import Metrics
 from worker.settings import Settings
@@ -154,25 +154,70 @@ class _Counters:
     timed_out: int = 0
 
 
-class CaptionEngine:
-    """Continuous-batching captioner: thread-safe submit(), one engine thread stepping the pipeline."""
+class EngineBase:
+    """The model facts and settings that the in-process engine and EngineProcess share.
 
-    def __init__(
-        self, settings: Settings, metrics: Metrics | None = None, inference_precision: str | None = None
-    ) -> None:
-        """Prepare an engine; start() loads the model.
+    `inference_precision` (for example "f32") sets OpenVINO's INFERENCE_PRECISION_HINT.
+    On CPUs where OpenVINO defaults to bf16, f32 makes greedy captions independent
+    of which requests share a batch.
+    """
 
-        `inference_precision` (for example "f32") sets OpenVINO's INFERENCE_PRECISION_HINT.
-        On CPUs where OpenVINO defaults to bf16, f32 makes greedy captions independent
-        of which requests share a batch.
-        """
+    def __init__(self, settings: Settings, metrics: Metrics | None, inference_precision: str | None) -> None:
         self._settings = settings
         self._metrics = metrics
         self._inference_precision = inference_precision
         self._model_dir = Path(settings.model)
         check_model_dir(self._model_dir)
         self._image_side = read_image_side(self._model_dir)
+        self._lock: Any = threading.Lock()
+        self._failure: str | None = None
 
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, metrics: Metrics | None, inference_precision: str | None = None
+    ) -> Self:
+        return cls(settings, metrics, inference_precision)
+
+    @property
+    def image_side(self) -> int:
+        """Side in pixels of the square image that the vision encoder reads."""
+        return self._image_side
+
+    @property
+    def model_name(self) -> str:
+        return self._model_dir.name
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine stopped for good, or None while it works."""
+        with self._lock:
+            return self._failure
+
+    def submit(self, pixels: np.ndarray, prompt: str | None, options: GenerationOptions) -> Future:
+        raise NotImplementedError
+
+    def warm_up(self) -> CaptionResult:
+        """Caption a generated gradient image and return the result; raise if that fails."""
+        options = GenerationOptions(max_new_tokens=WARM_UP_MAX_NEW_TOKENS)
+        started = time.monotonic()
+        result = self.submit(gradient_image(self._image_side), None, options).result(
+            timeout=self._settings.request_timeout_seconds + 5.0
+        )
+        logger.info(
+            "warm-up caption done",
+            extra=fields(seconds=round(time.monotonic() - started, 3), tokens=result.generated_tokens),
+        )
+        return result
+
+
+class CaptionEngine(EngineBase):
+    """Continuous-batching captioner: thread-safe submit(), one engine thread stepping the pipeline."""
+
+    def __init__(
+        self, settings: Settings, metrics: Metrics | None = None, inference_precision: str | None = None
+    ) -> None:
+        """Prepare an engine; start() loads the model."""
+        super().__init__(settings, metrics, inference_precision)
         self._lock = threading.Condition()
         self._incoming: collections.deque[_Request] = collections.deque()
         self._active: dict[int, _Request] = {}
@@ -189,22 +234,7 @@ class CaptionEngine:
         self._thread: threading.Thread | None = None
         self._pipeline_metrics: dict[str, float] = {}
 
-    @classmethod
-    def from_settings(
-        cls, settings: Settings, metrics: Metrics | None, inference_precision: str | None = None
-    ) -> CaptionEngine:
-        return cls(settings, metrics, inference_precision)
-
     # ------------------------------------------------------------ public interface
-
-    @property
-    def image_side(self) -> int:
-        """Side in pixels of the square image that the vision encoder reads."""
-        return self._image_side
-
-    @property
-    def model_name(self) -> str:
-        return self._model_dir.name
 
     def start(self) -> None:
         """Load the model and start the engine thread; raise ModelLoadError if OpenVINO cannot load it."""
@@ -215,7 +245,7 @@ class CaptionEngine:
         scheduler.max_num_batched_tokens = self._settings.max_num_batched_tokens
         scheduler.cache_size = self._settings.cache_size
         scheduler.enable_prefix_caching = self._settings.enable_prefix_caching
-        properties = device_properties(self._inference_precision, self._settings.device)
+        properties = device_properties(self._inference_precision, self._settings.device, self._settings.inference_threads)
 
         started = time.monotonic()
         try:
@@ -259,18 +289,13 @@ class CaptionEngine:
         in flight, CaptionError (generation_failed) when the prompt is longer than
         max_prompt_chars, ValueError on pixels of the wrong shape or type, and
         RuntimeError once close() has begun. The future fails with CaptionError
-        (generation_failed or empty_caption). Cancelling the future drops the request.
+        (generation_failed or empty_caption), or with EngineStopped when the engine
+        thread died. Cancelling the future drops the request.
         """
         if self._pipeline is None:
             raise RuntimeError("caption engine is not started: call start() first")
         pixels = check_pixels(pixels)
-        user_prompt = self._settings.prompt if prompt is None else prompt
-        if len(user_prompt) > self._settings.max_prompt_chars:
-            raise CaptionError(
-                ErrorCode.GENERATION_FAILED,
-                f"prompt has {len(user_prompt)} characters, more than max-prompt-chars "
-                f"{self._settings.max_prompt_chars}",
-            )
+        user_prompt = check_prompt(self._settings, prompt)
         rendered = render_prompt(self._tokenizer, self._settings.system_prompt, user_prompt)
         config = build_generation_config(options, self._eos_token_id, self._stop_token_ids)
 
@@ -299,19 +324,6 @@ class CaptionEngine:
         """Return how many more requests submit() accepts now."""
         with self._lock:
             return max(0, self._settings.max_queued_requests - self._in_flight)
-
-    def warm_up(self) -> CaptionResult:
-        """Caption a generated gradient image and return the result; raise if that fails."""
-        options = GenerationOptions(max_new_tokens=WARM_UP_MAX_NEW_TOKENS)
-        started = time.monotonic()
-        result = self.submit(gradient_image(self._image_side), None, options).result(
-            timeout=self._settings.request_timeout_seconds + 5.0
-        )
-        logger.info(
-            "warm-up caption done",
-            extra=fields(seconds=round(time.monotonic() - started, 3), tokens=result.generated_tokens),
-        )
-        return result
 
     def stats(self) -> dict[str, Any]:
         """Return counts of requests by state and the pipeline's last step metrics."""
@@ -358,9 +370,11 @@ class CaptionEngine:
         try:
             while self._run_once():
                 pass
-        except Exception:  # noqa: BLE001 - the thread must fail every future before it dies
+        except Exception as error:  # noqa: BLE001 - the thread must fail every future before it dies
             logger.exception("caption engine thread failed")
-            self._fail_all(CaptionError(ErrorCode.GENERATION_FAILED, "caption engine failed", retryable=True))
+            with self._lock:
+                self._failure = f"caption engine thread failed: {error!r}"
+            self._fail_all(EngineStopped(self._failure))
 
     def _run_once(self) -> bool:
         """Run one turn of the loop; return False when the engine has shut down."""
@@ -478,7 +492,8 @@ class CaptionEngine:
             self._finish_error(request, CaptionError(ErrorCode.EMPTY_CAPTION, message))
             return
         result = self._build_result(request, text, len(token_ids), finish_reason_name(output.finish_reason))
-        self._observe(result)
+        if self._metrics is not None:
+            observe_result(self._metrics, result)
         self._finish(request, result=result)
 
     def _build_result(self, request: _Request, text: str, generated: int, reason: FinishReason) -> CaptionResult:
@@ -504,17 +519,6 @@ class CaptionEngine:
             time_per_output_token_seconds=tpot,
         )
 
-    def _observe(self, result: CaptionResult) -> None:
-        if self._metrics is None:
-            return
-        self._metrics.queue.observe(result.queue_seconds)
-        self._metrics.time_to_first_token.observe(result.time_to_first_token_seconds)
-        self._metrics.generation.observe(result.generation_seconds)
-        if result.generated_tokens > 1:
-            self._metrics.time_per_output_token.observe(result.time_per_output_token_seconds)
-        self._metrics.prompt_tokens.inc(result.prompt_tokens)
-        self._metrics.generated_tokens.inc(result.generated_tokens)
-
     def _update_gauges(self) -> None:
         pipeline_metrics = self._pipeline.get_metrics()
         running = int(pipeline_metrics.scheduled_requests)
@@ -524,9 +528,7 @@ class CaptionEngine:
         with self._lock:
             self._pipeline_metrics = {"running": running, "waiting": waiting, "kv_cache_usage": usage}
         if self._metrics is not None:
-            self._metrics.running_requests.set(running)
-            self._metrics.waiting_requests.set(waiting)
-            self._metrics.kv_cache_usage.set(usage)
+            set_request_gauges(self._metrics, running, waiting, usage)
 
     def _clear_request_gauges(self) -> None:
         # The pipeline's figures describe its last step, which may be long past when idle.
@@ -534,10 +536,9 @@ class CaptionEngine:
             with self._lock:
                 self._pipeline_metrics = {**self._pipeline_metrics, "running": 0, "waiting": 0}
             if self._metrics is not None:
-                self._metrics.running_requests.set(0)
-                self._metrics.waiting_requests.set(0)
+                set_request_gauges(self._metrics, 0, 0)
 
-    def _finish_error(self, request: _Request, error: CaptionError) -> None:
+    def _finish_error(self, request: _Request, error: Exception) -> None:
         self._count("failed")
         self._finish(request, error=error)
 
@@ -561,7 +562,7 @@ class CaptionEngine:
         with self._lock:
             setattr(self._counters, name, getattr(self._counters, name) + 1)
 
-    def _fail_all(self, error: CaptionError) -> None:
+    def _fail_all(self, error: Exception) -> None:
         with self._lock:
             queued = list(self._incoming)
             self._incoming.clear()
@@ -574,13 +575,46 @@ class CaptionEngine:
 # ------------------------------------------------------------ helpers
 
 
-def device_properties(inference_precision: str | None, device: str = "CPU") -> dict[str, str]:
-    """Return OpenVINO device properties: the inference precision, if any, and the CPU runtime cache size."""
+def check_prompt(settings: Settings, prompt: str | None) -> str:
+    """Return the user prompt, the configured one for None; raise CaptionError when it is too long."""
+    user_prompt = settings.prompt if prompt is None else prompt
+    if len(user_prompt) > settings.max_prompt_chars:
+        raise CaptionError(
+            ErrorCode.GENERATION_FAILED,
+            f"prompt has {len(user_prompt)} characters, more than max-prompt-chars {settings.max_prompt_chars}",
+        )
+    return user_prompt
+
+
+def observe_result(metrics: Metrics, result: CaptionResult) -> None:
+    """Record a finished caption's timings and token counts."""
+    metrics.queue.observe(result.queue_seconds)
+    metrics.time_to_first_token.observe(result.time_to_first_token_seconds)
+    metrics.generation.observe(result.generation_seconds)
+    if result.generated_tokens > 1:
+        metrics.time_per_output_token.observe(result.time_per_output_token_seconds)
+    metrics.prompt_tokens.inc(result.prompt_tokens)
+    metrics.generated_tokens.inc(result.generated_tokens)
+
+
+def set_request_gauges(metrics: Metrics, running: int, waiting: int, kv_cache_usage: float | None = None) -> None:
+    """Set the running and waiting request gauges, and the KV-cache usage when given."""
+    metrics.running_requests.set(running)
+    metrics.waiting_requests.set(waiting)
+    if kv_cache_usage is not None:
+        metrics.kv_cache_usage.set(kv_cache_usage)
+
+
+def device_properties(inference_precision: str | None, device: str = "CPU", threads: int = 0) -> dict[str, str]:
+    """Return OpenVINO device properties: the inference precision, if any, and on CPU the runtime
+    cache size and the number of inference threads (0 leaves that to OpenVINO)."""
     properties: dict[str, str] = {}
     if inference_precision is not None:
         properties["INFERENCE_PRECISION_HINT"] = inference_precision
     if device.upper() == "CPU":
         properties["CPU_RUNTIME_CACHE_CAPACITY"] = str(CPU_RUNTIME_CACHE_CAPACITY)
+        if threads > 0:
+            properties["INFERENCE_NUM_THREADS"] = str(threads)
     return properties
 
 

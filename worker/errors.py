@@ -53,3 +53,11 @@ class TransientError(Exception):
 
 class EngineFull(Exception):
     """Raised by the engine when its admission queue is full; the caller pauses and retries."""
+
+
+class EngineStopped(Exception):
+    """The caption engine stopped for good (its process or thread died), so no request can finish.
+
+    The stream never dead-letters on it: it stops, leaving the offsets of unfinished
+    images uncommitted, so that they are captioned again after a restart.
+    """

@@ -45,6 +45,7 @@ class HealthState:
         self._metrics.last_poll.set_to_current_time()
 
     def set_fatal(self, reason: str) -> None:
+        """Mark the worker as failed for good; `reason` starts with what failed (Kafka, the engine)."""
         with self._lock:
             self._fatal_error = reason
 
@@ -76,7 +77,7 @@ class HealthState:
         """Return why the worker is not alive, or None when it is."""
         with self._lock:
             if self._fatal_error is not None:
-                return f"fatal Kafka error: {self._fatal_error}"
+                return self._fatal_error
             gap = time.monotonic() - self._last_poll
             if gap > self._max_poll_gap_seconds:
                 return f"no poll for {gap:.0f} s (limit {self._max_poll_gap_seconds:g} s)"
@@ -86,7 +87,7 @@ class HealthState:
         """Return why the worker is not ready, or None when it is."""
         with self._lock:
             if self._fatal_error is not None:
-                return f"fatal Kafka error: {self._fatal_error}"
+                return self._fatal_error
             if not self._model_loaded:
                 return "model not loaded"
             if not self._warmed_up:

@@ -411,11 +411,17 @@ class WorkerProcess:
             time.sleep(0.5)
         raise LocalRunError(f"the worker was not ready within {timeout:.0f} s; last log lines:\n{self.log_tail()}")
 
+    def engine_pid(self) -> int | None:
+        """Return the pid of the worker's caption engine process, or None while it has none."""
+        return find_engine_pid(self.pid)
+
     def rss_bytes(self) -> int | None:
-        return read_proc_status_bytes(self.pid, "VmRSS")
+        """Return the resident memory of the worker and its engine process together."""
+        return _sum_over_tree(self.pid, "VmRSS")
 
     def peak_rss_bytes(self) -> int | None:
-        return read_proc_status_bytes(self.pid, "VmHWM")
+        """Return the sum of each process's peak: an upper bound, as the two peaks may come at different times."""
+        return _sum_over_tree(self.pid, "VmHWM")
 
     def stop(self, timeout: float = 60.0) -> int:
         """Send SIGTERM and wait for the ordered shutdown; SIGKILL after `timeout` seconds. Return the exit code."""
@@ -446,6 +452,38 @@ def read_proc_status_bytes(pid: int, field_name: str) -> int | None:
     except (FileNotFoundError, ProcessLookupError):
         return None
     return None
+
+
+def child_pids(pid: int) -> list[int]:
+    """Return the pids of a process's children, from /proc/PID/task/*/children."""
+    children: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as listing:
+                children.extend(int(value) for value in listing.read().split())
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return sorted(children)
+
+
+def find_engine_pid(worker_pid: int) -> int | None:
+    """Return the pid of a worker's caption engine process, or None while it has none."""
+    for child in child_pids(worker_pid):
+        try:
+            with open(f"/proc/{child}/cmdline", "rb") as cmdline:
+                # multiprocessing also starts a resource tracker; the engine is the spawned process.
+                if b"spawn_main" in cmdline.read():
+                    return child
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return None
+
+
+def _sum_over_tree(pid: int, field_name: str) -> int | None:
+    own = read_proc_status_bytes(pid, field_name)
+    if own is None:
+        return None
+    return own + sum(read_proc_status_bytes(child, field_name) or 0 for child in child_pids(pid))
 
 
 def read_proc_cpu_seconds(pid: int) -> float | None:

@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     cache_size: int = Field(2, ge=1, description="KV cache size in GB")
     enable_prefix_caching: bool = Field(False, description="reuse KV blocks of shared prompt prefixes")
     max_queued_requests: int = Field(64, ge=1, description="requests admitted to the engine at once")
+    inference_threads: int = Field(
+        0, ge=0, description="OpenVINO inference threads on CPU; 0 lets OpenVINO choose"
+    )
 
     # S3
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint URL, for MinIO and other stores")

@@ -33,9 +33,13 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from worker import __version__
-from worker.cli import EXIT_DRAIN_TIMEOUT, EXIT_FAILURE, EXIT_KAFKA_FATAL, EXIT_OK, EXIT_SIGNAL, EXIT_STARTUP, EXIT_USAGE
-from worker.engine import CaptionEngine, GenerationOptions, ModelLoadError
-from worker.errors import CaptionError, EngineFull, ErrorCode, TransientError
+from worker.cli import (
+    EXIT_DRAIN_TIMEOUT, EXIT_ENGINE_STOPPED, EXIT_FAILURE, EXIT_KAFKA_FATAL, EXIT_OK, EXIT_SIGNAL, EXIT_STARTUP,
+    EXIT_USAGE,
+)
+from worker.engine import EngineBase, GenerationOptions, ModelLoadError
+from worker.engine_process import EngineProcess
+from worker.errors import CaptionError, EngineFull, EngineStopped, ErrorCode, TransientError
 from worker.events import parse_message
 from worker.fetching import Fetcher
 from worker.health import HealthServer, HealthState
@@ -148,7 +152,8 @@ class Worker:
     """The stream loop. `run()` returns an exit code, and `stop()` may be called from a signal handler."""
 
     def __init__(
-        self, settings: Settings, metrics: Metrics, health: HealthState, engine: CaptionEngine, fetcher: Fetcher,
+        self, settings: Settings, metrics: Metrics, health: HealthState, engine: EngineBase,
+        fetcher: Fetcher,
         stop_event: threading.Event | None = None,
     ) -> None:
         self.settings = settings
@@ -222,7 +227,7 @@ class Worker:
         logger.info("worker started", extra=fields(**values))
         self.next_checkpoint = time.monotonic() + self.settings.commit_interval_seconds
 
-        while not self.stopping and self.fatal_error is None:
+        while not self.stopping and self.fatal_error is None and self.engine.failure is None:
             self._poll()
             self._process_completed()
             self._apply_backpressure()
@@ -236,7 +241,8 @@ class Worker:
         1. Stop intake: pause every assigned partition and drop the backlog. Backlog messages
            were never started, so no commit passes them, and they are consumed again later.
         2. Drain: finish in-flight images until none is left or drain_timeout_seconds pass,
-           polling the consumer so that the worker stays in its group.
+           polling the consumer so that the worker stays in its group. A stopped engine
+           can finish nothing, so the drain ends at once.
         3. Flush the producer.
         4. Checkpoint: commit what is done.
         5. Close the fetch pool and the consumer. The consumer leaves the group in a daemon
@@ -244,6 +250,8 @@ class Worker:
         After a fatal Kafka error, steps 2 to 4 are skipped because the client can do nothing more.
         """
         logger.info("shutdown: stopping intake", extra=fields(in_flight=self._in_flight()))
+        if self.engine.failure is not None:
+            self.health.set_fatal(f"caption engine stopped: {self.engine.failure}")
         self._apply_backpressure()
         self.backlog.clear()
 
@@ -267,6 +275,10 @@ class Worker:
         if self.fatal_error is not None:
             logger.error("stopped after a fatal Kafka error", extra=fields(error=self.fatal_error.str()))
             return EXIT_KAFKA_FATAL
+        if self.engine.failure is not None:
+            logger.error("stopped because the caption engine stopped; unfinished offsets stay uncommitted",
+                         extra=fields(error=self.engine.failure))
+            return EXIT_ENGINE_STOPPED
         if not drained:
             logger.warning("stopped with in-flight images left; their offsets stay uncommitted")
             return EXIT_DRAIN_TIMEOUT
@@ -278,7 +290,7 @@ class Worker:
         logger.info("shutdown: draining", extra=fields(in_flight=self._in_flight(),
                                                         timeout_seconds=self.settings.drain_timeout_seconds))
         while self._unfinished(self.partitions.values()) and time.monotonic() < deadline:
-            if self.fatal_error is not None:
+            if self.fatal_error is not None or self.engine.failure is not None:
                 return False
             self._poll(intake=False)
             self._process_completed()
@@ -450,7 +462,7 @@ class Worker:
                 options = options.replace(max_new_tokens=item.request.max_new_tokens)
             try:
                 future = self.engine.submit(item.decoded.pixels, item.request.prompt, options)
-            except EngineFull:
+            except (EngineFull, EngineStopped):
                 return
             except CaptionError as error:
                 self.waiting.popleft()
@@ -465,6 +477,9 @@ class Worker:
             result = future.result()
         except CaptionError as error:
             self._fail(item, error)
+            return
+        except EngineStopped:
+            # Not the image's fault: the loop stops, and the offset stays uncommitted for the next owner.
             return
         except Exception as error:  # noqa: BLE001 - one image must not stop the stream
             logger.exception("caption failed unexpectedly", extra=self._item_fields(item))
@@ -934,7 +949,7 @@ class Worker:
         if self.fatal_error is None:
             logger.error("fatal Kafka error, stopping", extra=fields(error=err.str(), code=err.name()))
         self.fatal_error = err
-        self.health.set_fatal(err.str())
+        self.health.set_fatal(f"fatal Kafka error: {err.str()}")
 
     def _on_stats(self, stats_json: str) -> None:
         """Export consumer lag per assigned partition and notice when a broker is reachable again."""
@@ -1013,7 +1028,7 @@ def _run_with_server(settings: Settings, metrics: Metrics, health: HealthState, 
     4. Run the loop. The engine and the fetcher are closed in every case.
     """
     try:
-        engine = CaptionEngine.from_settings(settings, metrics)
+        engine = EngineProcess.from_settings(settings, metrics)
         fetcher = Fetcher(settings, metrics)
     except ModelLoadError as exc:
         # The message names the missing or invalid file; a traceback adds nothing.

@@ -109,7 +109,9 @@ def run_sequential(settings: Any, count: int) -> RunFigures:
 
     from worker.engine import build_generation_config, device_properties, read_image_side, render_prompt
 
-    pipeline = openvino_genai.VLMPipeline(str(settings.model), settings.device, **device_properties(None, settings.device))
+    pipeline = openvino_genai.VLMPipeline(
+        str(settings.model), settings.device, **device_properties(None, settings.device, settings.inference_threads)
+    )
     tokenizer = pipeline.get_tokenizer()
     prompt = render_prompt(tokenizer, settings.system_prompt, settings.prompt)
     eos_token_id = int(tokenizer.get_eos_token_id())

@@ -201,6 +201,9 @@ def run_stream_phase(
         producer = EventProducer(endpoints.kafka_bootstrap, names.input_topic)
         reader = OutputReader(endpoints.kafka_bootstrap, [names.output_topic, names.dlq_topic])
         pids = {"worker": worker.pid, **stack_pids}
+        engine_pid = worker.engine_pid()
+        if engine_pid is not None:
+            pids["engine"] = engine_pid
         cpu_before = {name: read_proc_cpu_seconds(pid) for name, pid in pids.items()}
         machine_before, started = read_machine_busy_seconds(), time.monotonic()
         try:
@@ -327,7 +330,9 @@ def run_naive_phase(settings: Settings, endpoints: StackEndpoints, names: RunNam
     from worker.images import ImageLimits, decode_image
 
     # The same prompt, chat template and generation options as the engine's.
-    pipeline = openvino_genai.VLMPipeline(str(settings.model), settings.device, **device_properties(None, settings.device))
+    pipeline = openvino_genai.VLMPipeline(
+        str(settings.model), settings.device, **device_properties(None, settings.device, settings.inference_threads)
+    )
     tokenizer = pipeline.get_tokenizer()
     prompt = render_prompt(tokenizer, settings.system_prompt, settings.prompt)
     eos_token_id = int(tokenizer.get_eos_token_id())
