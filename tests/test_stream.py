@@ -731,6 +731,15 @@ def test_exactly_once_lag_reaches_zero(stream, sample_photos):
     assert second.stop() == EXIT_OK
 
 
+def test_partitions_without_messages_report_zero_lag(stream):
+    worker = stream.start_worker("--kafka-option", "statistics.interval.ms=500")
+    worker.wait_ready()
+
+    for partition in range(3):
+        wait_for_metric_value(worker, f'caption_worker_consumer_lag{{partition="{partition}"}}', 0.0)
+    assert worker.stop() == EXIT_OK
+
+
 # ---------------------------------------------------------------- Kafka outages
 
 # Seconds that the broker stays away: longer than the session timeout and the socket timeout below.

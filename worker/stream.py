@@ -168,7 +168,10 @@ class Worker:
         # Outages repeat the same warnings many times a second; metrics count each one.
         self.log_limiter = RepeatLimiter()
 
-        self.consumer = Consumer(consumer_config(settings, error_cb=self._on_kafka_error, stats_cb=self._on_stats))
+        config = consumer_config(settings, error_cb=self._on_kafka_error, stats_cb=self._on_stats)
+        self.consumer = Consumer(config)
+        # Without a committed offset, lag counts from the partition's first offset only if consumption starts there.
+        self.starts_at_earliest = config.get("auto.offset.reset") in ("earliest", "smallest", "beginning")
         self.publisher = Publisher(settings, error_cb=self._on_kafka_error)
         self.fetch_pool = ThreadPoolExecutor(settings.fetch_threads, thread_name_prefix="fetch")
         self.tracker = OffsetTracker()
@@ -966,10 +969,14 @@ class Worker:
     def _consumer_lag(self, tp: TopicPartitionKey, entry: dict[str, Any]) -> int | None:
         """Return the messages between a partition's end offset and this worker's committed position.
 
-        librdkafka's own `consumer_lag` counts from the committed offset stored in the
-        consumer. In exactly-once mode the producer commits the offsets inside each transaction,
-        so the consumer never learns them and that value stays where the assignment found it.
-        Its value is used only before this worker has seen a message of the partition.
+        The position is, in order of preference:
+        1. the offset that this worker committed last;
+        2. the group's committed offset, through librdkafka's own `consumer_lag`. In
+           exactly-once mode the producer commits inside each transaction, so the consumer
+           learns the group's offset only at assignment, and this worker's own commits win;
+        3. the partition's first offset (its low watermark) when the group has committed
+           nothing and the consumer starts from the earliest message, which also gives an
+           empty partition a lag of 0.
         """
         # A read_committed consumer reads up to the last stable offset, not the high watermark.
         end = entry.get("ls_offset" if self.exactly_once else "hi_offset", -1)
@@ -977,7 +984,12 @@ class Worker:
         if end >= 0 and committed is not None:
             return max(0, end - committed)
         lag = entry.get("consumer_lag", -1)
-        return lag if lag >= 0 else None
+        if lag >= 0:
+            return lag
+        first = entry.get("lo_offset", -1)
+        if self.starts_at_earliest and entry.get("committed_offset", -1) < 0 and end >= 0 and first >= 0:
+            return max(0, end - first)
+        return None
 
     def _item_fields(self, item: WorkItem, **extra: Any) -> dict[str, Any]:
         return fields(**self._item_values(item, **extra))
