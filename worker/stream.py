@@ -62,6 +62,9 @@ MAX_MESSAGES_PER_POLL = 100
 # Bounds of the shutdown steps after the drain, and of Kafka calls at the checkpoints.
 FLUSH_TIMEOUT_SECONDS = 15.0
 COMMIT_TIMEOUT_SECONDS = 15.0
+# How long a periodic checkpoint waits for its commit before the loop goes on. A commit
+# to a coordinator that stopped responding then finishes, or fails, in the background.
+CHECKPOINT_COMMIT_WAIT_SECONDS = 5.0
 CLOSE_TIMEOUT_SECONDS = 15.0
 TRANSACTION_TIMEOUT_SECONDS = 30.0
 STATISTICS_INTERVAL_MS = 10_000
@@ -194,6 +197,8 @@ class Worker:
         self.redeliveries: list[WorkItem] = []  # records whose delivery failed
         self.brokers_down = False
         self.fatal_error: KafkaError | None = None
+        # A commit that outlived its wait sets this event when it returns; None when there is no such commit.
+        self.slow_commit_done: threading.Event | None = None
         self.closing = False
         self.next_checkpoint = 0.0
 
@@ -716,32 +721,41 @@ class Worker:
     def _commit_offsets(self, *, final: bool = False) -> None:
         """Commit each partition up to its first offset not done (at-least-once).
 
-        1. Take each partition's first offset whose records are not all acknowledged,
+        1. Skip this checkpoint while an earlier commit is still waiting for the coordinator.
+        2. Take each partition's first offset whose records are not all acknowledged,
            so that no commit passes a delivery that is still outstanding.
-        2. Commit those offsets synchronously.
-        3. Remember the positions that the broker accepted.
+        3. Commit those offsets synchronously in a daemon thread, and wait for it up to
+           CHECKPOINT_COMMIT_WAIT_SECONDS (COMMIT_TIMEOUT_SECONDS for the final commit).
+           A commit that takes longer goes on in the background, and the loop keeps polling.
+        4. Remember the positions that the broker accepted.
         A commit that a rebalance breaks is logged and counted, not fatal. A fatal error stops the worker.
         """
+        if self.slow_commit_done is not None and not self.slow_commit_done.is_set():
+            self.log_limiter.log(logger, logging.WARNING, "checkpoint skipped: the last commit has not finished")
+            return
+        self.slow_commit_done = None
+
         positions = self.tracker.positions_to_commit()
         if not positions:
             return
         accepted: list[TopicPartition] = []
+        done = threading.Event()
 
         def commit() -> None:
-            accepted.extend(self.consumer.commit(offsets=_topic_partitions(positions), asynchronous=False) or [])
+            try:
+                accepted.extend(self.consumer.commit(offsets=_topic_partitions(positions), asynchronous=False) or [])
+            finally:
+                done.set()
 
+        wait = COMMIT_TIMEOUT_SECONDS if final else CHECKPOINT_COMMIT_WAIT_SECONDS
         try:
-            if final:
-                finished = _run_bounded(commit, COMMIT_TIMEOUT_SECONDS, "final-commit")
-            else:
-                # NOTE: this commit has no timeout. A coordinator that stops responding
-                # blocks it, and the loop, until the broker is back (see docs/delivery.md, Outages).
-                commit()
-                finished = True
+            finished = _run_bounded(commit, wait, "final-commit" if final else "commit")
         except KafkaException as exc:
             self._on_commit_failed(exc.args[0], positions)
             return
         if not finished:
+            # Its result is not used: the positions stay uncommitted here and go into a later commit.
+            self.slow_commit_done = done
             self.metrics.commits.labels(result="failed").inc()
             return
 
