@@ -808,7 +808,7 @@ def test_broker_outage_pauses_then_resumes(broker_outage_stream, private_kafka, 
 
     assert still_unready[0] == 503
     assert "kafka" in reason or "group" in reason
-    # A commit to a frozen coordinator waits in the background, so the loop keeps polling.
+    # Periodic commits are asynchronous, so a frozen coordinator cannot stop the loop from polling.
     assert all(response == (200, "ok\n") for response in healthz), f"/healthz failed during the outage: {healthz}"
     results = stream.read(until=stream.covers_all_sent)
     assert results.errors == [], f"dead-lettered during the outage: {results.errors}"

@@ -83,9 +83,10 @@ class OffsetTracker:
         return result
 
     def mark_committed(self, positions: dict[TopicPartitionKey, int]) -> None:
+        """Record committed positions; a result that arrives late never moves a position back."""
         for tp, position in positions.items():
             state = self._partitions.get(tp)
-            if state is not None:
+            if state is not None and (state.committed is None or position > state.committed):
                 state.committed = position
 
     def committed(self, tp: TopicPartitionKey) -> int | None:

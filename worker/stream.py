@@ -62,9 +62,9 @@ MAX_MESSAGES_PER_POLL = 100
 # Bounds of the shutdown steps after the drain, and of Kafka calls at the checkpoints.
 FLUSH_TIMEOUT_SECONDS = 15.0
 COMMIT_TIMEOUT_SECONDS = 15.0
-# How long a periodic checkpoint waits for its commit before the loop goes on. A commit
-# to a coordinator that stopped responding then finishes, or fails, in the background.
-CHECKPOINT_COMMIT_WAIT_SECONDS = 5.0
+# An asynchronous commit without a result for this long no longer holds back the next one.
+# librdkafka fails a request after socket.timeout.ms (60 s by default), well before this.
+ASYNC_COMMIT_LIMIT_SECONDS = 120.0
 CLOSE_TIMEOUT_SECONDS = 15.0
 TRANSACTION_TIMEOUT_SECONDS = 30.0
 STATISTICS_INTERVAL_MS = 10_000
@@ -89,6 +89,7 @@ def consumer_config(
     *,
     error_cb: Callable[[KafkaError], None] | None = None,
     stats_cb: Callable[[str], None] | None = None,
+    commit_cb: Callable[[KafkaError | None, list[TopicPartition]], None] | None = None,
 ) -> dict[str, Any]:
     """Return the consumer's librdkafka configuration.
 
@@ -114,6 +115,8 @@ def consumer_config(
         config["error_cb"] = error_cb
     if stats_cb is not None:
         config["stats_cb"] = stats_cb
+    if commit_cb is not None:
+        config["on_commit"] = commit_cb
     # librdkafka's own log lines go through the worker's log format; consume() serves them.
     config["logger"] = KafkaClientLogger()
     return config
@@ -171,7 +174,9 @@ class Worker:
         # Outages repeat the same warnings many times a second; metrics count each one.
         self.log_limiter = RepeatLimiter()
 
-        config = consumer_config(settings, error_cb=self._on_kafka_error, stats_cb=self._on_stats)
+        config = consumer_config(
+            settings, error_cb=self._on_kafka_error, stats_cb=self._on_stats, commit_cb=self._on_commit
+        )
         self.consumer = Consumer(config)
         # Without a committed offset, lag counts from the partition's first offset only if consumption starts there.
         self.starts_at_earliest = config.get("auto.offset.reset") in ("earliest", "smallest", "beginning")
@@ -197,8 +202,8 @@ class Worker:
         self.redeliveries: list[WorkItem] = []  # records whose delivery failed
         self.brokers_down = False
         self.fatal_error: KafkaError | None = None
-        # A commit that outlived its wait sets this event when it returns; None when there is no such commit.
-        self.slow_commit_done: threading.Event | None = None
+        # When the asynchronous commit that waits for its result was sent (monotonic), or None.
+        self.async_commit_since: float | None = None
         self.closing = False
         self.next_checkpoint = 0.0
 
@@ -366,7 +371,7 @@ class Worker:
             self.next_checkpoint = time.monotonic() + self.settings.commit_interval_seconds
             return
         if due:
-            self._checkpoint()
+            self._checkpoint(wait=False)
 
     # ------------------------------------------------------------------ one message
 
@@ -710,55 +715,77 @@ class Worker:
 
     # ------------------------------------------------------------------ checkpoints
 
-    def _checkpoint(self, *, final: bool = False) -> None:
+    def _checkpoint(self, *, final: bool = False, wait: bool = True) -> None:
         self.next_checkpoint = time.monotonic() + self.settings.commit_interval_seconds
         if self.exactly_once:
             self._commit_transaction()
         else:
             self._serve_deliveries()
-            self._commit_offsets(final=final)
+            self._commit_offsets(final=final, wait=wait)
 
-    def _commit_offsets(self, *, final: bool = False) -> None:
+    def _commit_offsets(self, *, final: bool = False, wait: bool = True) -> None:
         """Commit each partition up to its first offset not done (at-least-once).
 
-        1. Skip this checkpoint while an earlier commit is still waiting for the coordinator.
-        2. Take each partition's first offset whose records are not all acknowledged,
+        1. Take each partition's first offset whose records are not all acknowledged,
            so that no commit passes a delivery that is still outstanding.
-        3. Commit those offsets synchronously in a daemon thread, and wait for it up to
-           CHECKPOINT_COMMIT_WAIT_SECONDS (COMMIT_TIMEOUT_SECONDS for the final commit).
-           A commit that takes longer goes on in the background, and the loop keeps polling.
-        4. Remember the positions that the broker accepted.
+        2. Commit those offsets:
+           - at a periodic checkpoint (`wait` false), asynchronously, so that a coordinator
+             that stops responding cannot block the loop. `_on_commit` gets the result in a
+             later poll, and no other periodic commit starts until then;
+           - on revoke, synchronously, so that they are committed before the partitions go;
+           - at shutdown (`final`), synchronously in a daemon thread bounded by COMMIT_TIMEOUT_SECONDS.
+        3. Remember the positions that the broker accepted.
         A commit that a rebalance breaks is logged and counted, not fatal. A fatal error stops the worker.
         """
-        if self.slow_commit_done is not None and not self.slow_commit_done.is_set():
-            self.log_limiter.log(logger, logging.WARNING, "checkpoint skipped: the last commit has not finished")
+        if not wait and self._async_commit_pending():
             return
-        self.slow_commit_done = None
-
         positions = self.tracker.positions_to_commit()
         if not positions:
             return
         accepted: list[TopicPartition] = []
-        done = threading.Event()
 
         def commit() -> None:
-            try:
-                accepted.extend(self.consumer.commit(offsets=_topic_partitions(positions), asynchronous=False) or [])
-            finally:
-                done.set()
+            accepted.extend(self.consumer.commit(offsets=_topic_partitions(positions), asynchronous=False) or [])
 
-        wait = COMMIT_TIMEOUT_SECONDS if final else CHECKPOINT_COMMIT_WAIT_SECONDS
         try:
-            finished = _run_bounded(commit, wait, "final-commit" if final else "commit")
+            if not wait:
+                self.consumer.commit(offsets=_topic_partitions(positions), asynchronous=True)
+                self.async_commit_since = time.monotonic()
+                return
+            if final:
+                finished = _run_bounded(commit, COMMIT_TIMEOUT_SECONDS, "final-commit")
+            else:
+                commit()
+                finished = True
         except KafkaException as exc:
             self._on_commit_failed(exc.args[0], positions)
             return
         if not finished:
-            # Its result is not used: the positions stay uncommitted here and go into a later commit.
-            self.slow_commit_done = done
             self.metrics.commits.labels(result="failed").inc()
             return
+        self._record_commit(accepted)
 
+    def _async_commit_pending(self) -> bool:
+        """Return True while an asynchronous commit waits for its result, up to ASYNC_COMMIT_LIMIT_SECONDS."""
+        if self.async_commit_since is None:
+            return False
+        if time.monotonic() - self.async_commit_since < ASYNC_COMMIT_LIMIT_SECONDS:
+            return True
+        # librdkafka reports every commit, but a lost report must not stop commits for good.
+        logger.warning("no result for the last offset commit, committing again",
+                       extra=fields(waited_seconds=ASYNC_COMMIT_LIMIT_SECONDS))
+        self.async_commit_since = None
+        return False
+
+    def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """Take the result of an asynchronous commit; runs inside consume()."""
+        self.async_commit_since = None
+        if err is not None:
+            self._on_commit_failed(err, {(tp.topic, tp.partition): tp.offset for tp in partitions})
+            return
+        self._record_commit(partitions)
+
+    def _record_commit(self, accepted: list[TopicPartition]) -> None:
         done = {(tp.topic, tp.partition): tp.offset for tp in accepted if tp.error is None}
         self.tracker.mark_committed(done)
         failed = [tp for tp in accepted if tp.error is not None]
