@@ -104,7 +104,9 @@ class Settings(BaseSettings):
     # Continuous-batching scheduler
     max_num_seqs: int = Field(32, ge=1, description="sequences scheduled in one step")
     max_num_batched_tokens: int = Field(4096, ge=1, description="tokens scheduled in one step")
-    cache_size: int = Field(2, ge=1, description="KV cache size in GB")
+    cache_size: int = Field(
+        2, ge=0, description="KV cache size in GB; 0 grows it on demand, up to the peak of the running requests"
+    )
     enable_prefix_caching: bool = Field(False, description="reuse KV blocks of shared prompt prefixes")
     max_queued_requests: int = Field(64, ge=1, description="requests admitted to the engine at once")
     inference_threads: int = Field(
