@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from concurrent.futures import CancelledError
 
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from worker.engine import CaptionEngine, GenerationOptions, ModelLoadError
+from worker import engine_process
 from worker.engine_process import EngineProcess
 from worker.errors import CaptionError, EngineFull, EngineStopped, ErrorCode
 from worker.localrun import find_engine_pid
@@ -193,6 +195,69 @@ def test_child_exits_when_its_parent_is_killed(tiny_model_dir, tmp_path):
 def test_find_engine_pid_finds_the_child_and_not_the_resource_tracker(make_engine):
     engine = make_engine()
     assert find_engine_pid(os.getpid()) == _engine_pid(engine)
+
+
+def test_submit_does_not_wait_for_a_stopped_child(make_engine):
+    engine = make_engine()
+    # A full-size Gemma 3 image (896 x 896 RGB) is far larger than a pipe's buffer.
+    pixels = np.zeros((896, 896, 3), dtype=np.uint8)
+    os.kill(_engine_pid(engine), signal.SIGSTOP)
+    try:
+        submitter = threading.Thread(
+            target=lambda: [engine.submit(pixels, None, GenerationOptions(max_new_tokens=4)) for _ in range(4)],
+            daemon=True,
+        )
+        submitter.start()
+        submitter.join(WAIT_SECONDS)
+        assert not submitter.is_alive(), "submit() waited on the pipe to a stopped child"
+    finally:
+        os.kill(_engine_pid(engine), signal.SIGCONT)
+
+
+def test_stuck_child_is_killed_after_the_request_deadline(make_engine, monkeypatch):
+    monkeypatch.setattr(engine_process, "CLOSE_MARGIN_SECONDS", 0.5)
+    engine = make_engine(request_timeout_seconds=1.0)
+    pid = _engine_pid(engine)
+    os.kill(pid, signal.SIGSTOP)
+    future = engine.submit(_image(1), None, GenerationOptions(max_new_tokens=4))
+
+    with pytest.raises(EngineStopped, match="past request-timeout-seconds"):
+        future.result(WAIT_SECONDS)
+    assert "past request-timeout-seconds" in engine.failure
+    _wait_for(lambda: _is_zombie(pid), "the stuck child to be killed")
+
+
+def test_process_tied_to_its_parent_dies_with_it(tmp_path):
+    # A stand-in for an engine process that is still loading its model: it only sleeps.
+    child_script = tmp_path / "child.py"
+    child_script.write_text(textwrap.dedent(
+        """
+        import os, sys, time
+        from worker.engine_process import _die_with_parent
+
+        _die_with_parent(int(sys.argv[1]))
+        print(os.getpid(), flush=True)
+        time.sleep(60)
+        """
+    ))
+    parent_script = tmp_path / "parent.py"
+    parent_script.write_text(textwrap.dedent(
+        f"""
+        import os, subprocess, sys, time
+
+        child = subprocess.Popen([sys.executable, {str(child_script)!r}, str(os.getpid())], stdout=subprocess.PIPE)
+        print(child.stdout.readline().decode().strip(), flush=True)
+        time.sleep(60)
+        """
+    ))
+    parent = subprocess.Popen([sys.executable, str(parent_script)], stdout=subprocess.PIPE)
+    try:
+        child = int(parent.stdout.readline())
+        parent.kill()
+        parent.wait(WAIT_SECONDS)
+        _wait_for(lambda: _is_zombie(child), "the child of a killed parent to die")
+    finally:
+        parent.kill()
 
 
 def _is_zombie(pid: int) -> bool:

@@ -260,8 +260,10 @@ class CaptionEngine(EngineBase):
         except RuntimeError as error:
             # OpenVINO's messages span several lines with C++ source paths; one line suits a log.
             detail = " ".join(str(error).split())
+            # The KV cache is allocated here too, so a cache-size that does not fit fails here.
             raise ModelLoadError(
-                f"OpenVINO GenAI could not load {self._model_dir} on device {self._settings.device}: {detail}"
+                f"OpenVINO GenAI could not load {self._model_dir} on device {self._settings.device} "
+                f"with cache-size {self._settings.cache_size} GB: {detail}"
             ) from error
         # NOTE: openvino-genai 2026.4 deprecates finish_chat(), which _admit() needs, and warns
         # at each call. When a release removes it, the history growth that it clears comes back.

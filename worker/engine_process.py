@@ -14,10 +14,16 @@ Parent and child exchange pickled tuples over two pipes:
   ("failed", id, code, message, retryable), ("cancelled", id), ("stopped", id, reason),
   ("stats", figures) and last ("closed", figures).
 
-The child ignores SIGINT and SIGTERM, because the parent decides when it stops, and
-it exits when its pipe from the parent closes, so a killed parent takes it along.
-When the child dies, every pending future fails with EngineStopped, and `failure`
-contains the reason.
+The parent's calls never wait on the pipe: a sender thread writes to it, because an
+image for a full-size model (2.4 MB) does not fit in a pipe's buffer, and a child that
+hangs would block the writer. A reader thread takes the replies and also watches the
+child: a child that reports nothing for STALL_SECONDS, or keeps a request past its
+deadline, is killed.
+
+The child ignores SIGINT and SIGTERM, because the parent decides when it stops. On
+Linux the kernel kills it when the parent dies, even while it loads the model; it also
+exits when its pipe from the parent closes. When the child dies, every pending future
+fails with EngineStopped, and `failure` contains the reason.
 """
 
 from __future__ import annotations
@@ -26,7 +32,10 @@ import functools
 import itertools
 import logging
 import multiprocessing
+import os
+import queue
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import Future
@@ -52,6 +61,15 @@ STATS_INTERVAL_SECONDS = 0.5
 # Past close()'s timeout: time for the child's last engine step, its report and its exit.
 CLOSE_MARGIN_SECONDS = 15.0
 
+# A child that sends nothing for this long is taken as hung and killed. It reports twice a
+# second, except during a pipeline step, which holds the GIL. NOTE: an estimate: the tiny
+# model's steps take milliseconds, and no full-size model's step has been measured.
+STALL_SECONDS = 120.0
+# How often the reader thread checks for a stalled child or an overdue request.
+WATCH_INTERVAL_SECONDS = 1.0
+# Linux prctl() option that sends the child a signal when its parent thread dies.
+PR_SET_PDEATHSIG = 1
+
 
 class EngineProcess(EngineBase):
     """A CaptionEngine in a child process, with the engine's thread-safe interface."""
@@ -61,8 +79,10 @@ class EngineProcess(EngineBase):
     ) -> None:
         """Check the model directory; start() spawns the child, which loads the model."""
         super().__init__(settings, metrics, inference_precision)
-        self._send_lock = threading.Lock()
-        self._pending: dict[int, Future] = {}  # submitted and not yet reported by the child, under _lock
+        # Submitted and not yet reported by the child, with the monotonic time of submission; under _lock.
+        self._pending: dict[int, tuple[Future, float]] = {}
+        self._outbox: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self._last_report = 0.0
         self._request_ids = itertools.count()
         self._closing = False
         self._stats: dict[str, Any] = {}
@@ -71,14 +91,16 @@ class EngineProcess(EngineBase):
         self._to_child: Connection | None = None
         self._from_child: Connection | None = None
         self._reader: threading.Thread | None = None
+        self._sender: threading.Thread | None = None
 
     # ------------------------------------------------------------ public interface
 
     def start(self) -> None:
         """Spawn the child and wait until it has loaded the model.
 
-        Raises ModelLoadError when the child could not load the model, and
-        RuntimeError when it failed otherwise or died while loading.
+        Raises ModelLoadError when the child could not load the model or died while
+        loading it, and RuntimeError when it failed otherwise. Call it from a thread that
+        lives as long as the engine: on Linux the child is killed when that thread ends.
         """
         # Spawn, not fork: the parent already runs librdkafka and HTTP threads, which a fork would copy half-way.
         context = multiprocessing.get_context("spawn")
@@ -86,7 +108,7 @@ class EngineProcess(EngineBase):
         child_end_in, to_child = context.Pipe(duplex=False)
         self._process = context.Process(
             target=serve,
-            args=(self._settings, self._inference_precision, child_end_in, child_end_out),
+            args=(self._settings, self._inference_precision, child_end_in, child_end_out, os.getpid()),
             name="caption-engine",
             daemon=True,
         )
@@ -102,11 +124,14 @@ class EngineProcess(EngineBase):
             "caption engine process ready",
             extra=fields(pid=self._process.pid, seconds=round(time.monotonic() - started, 3)),
         )
+        self._last_report = time.monotonic()
         self._reader = threading.Thread(target=self._read, name="caption-engine-reader", daemon=True)
         self._reader.start()
+        self._sender = threading.Thread(target=self._send_all, name="caption-engine-sender", daemon=True)
+        self._sender.start()
 
     def submit(self, pixels: np.ndarray, prompt: str | None, options: GenerationOptions) -> Future:
-        """Send one image to the child and return a future of its CaptionResult.
+        """Queue one image for the child and return a future of its CaptionResult; never blocks.
 
         Raises as CaptionEngine.submit() does, and EngineStopped once the child has died.
         """
@@ -123,13 +148,8 @@ class EngineProcess(EngineBase):
             if len(self._pending) >= self._settings.max_queued_requests:
                 raise EngineFull(f"{len(self._pending)} caption requests in flight, the maximum")
             request_id = next(self._request_ids)
-            self._pending[request_id] = future
-        try:
-            self._send(("submit", request_id, pixels, prompt, options))
-        except OSError as error:
-            with self._lock:
-                self._pending.pop(request_id, None)
-            raise EngineStopped(f"caption engine process is gone: {error}") from None
+            self._pending[request_id] = (future, time.monotonic())
+        self._outbox.put(("submit", request_id, pixels, prompt, options))
         future.add_done_callback(functools.partial(self._on_future_done, request_id))
         return future
 
@@ -162,10 +182,8 @@ class EngineProcess(EngineBase):
             return
         logger.info("caption engine process closing", extra=fields(in_flight=pending, timeout_seconds=timeout))
 
-        try:
-            self._send(("close", timeout))
-        except OSError:
-            pass  # the child is already gone; the reader has failed what was pending
+        self._outbox.put(("close", timeout))
+        self._outbox.put(None)  # the sender thread stops after the close message
 
         if self._reader is not None:
             self._reader.join(timeout + CLOSE_MARGIN_SECONDS)
@@ -182,24 +200,33 @@ class EngineProcess(EngineBase):
 
     # ------------------------------------------------------------ parent's reader thread
 
-    def _send(self, message: tuple) -> None:
+    def _send_all(self) -> None:
+        """Write queued messages to the child until close() queues the end; runs in the sender thread."""
         assert self._to_child is not None
-        with self._send_lock:
-            self._to_child.send(message)
+        while True:
+            message = self._outbox.get()
+            if message is None:
+                return
+            try:
+                self._to_child.send(message)
+            except OSError:
+                return  # the child is gone, and the reader fails what is pending
 
     def _on_future_done(self, request_id: int, future: Future) -> None:
-        # The child's request goes on until told; its slot frees when the child reports it cancelled.
+        # The child's request runs until a cancel message reaches it; the slot frees when the child reports it cancelled.
         if future.cancelled():
-            try:
-                self._send(("cancel", request_id))
-            except OSError:
-                pass
+            self._outbox.put(("cancel", request_id))
 
     def _read(self) -> None:
+        """Take the child's replies, and check on the child between them; runs in the reader thread."""
         assert self._from_child is not None
         try:
             while True:
+                if not self._from_child.poll(WATCH_INTERVAL_SECONDS):
+                    self._watch()
+                    continue
                 message = self._from_child.recv()
+                self._last_report = time.monotonic()
                 if message[0] == "closed":
                     with self._lock:
                         self._stats = message[1]
@@ -210,6 +237,26 @@ class EngineProcess(EngineBase):
         except Exception as error:  # noqa: BLE001 - pending futures must fail, not hang
             logger.exception("caption engine reader failed")
             self._child_gone(f"caption engine reader failed: {error!r}")
+
+    def _watch(self) -> None:
+        """Kill a child that has reported nothing for STALL_SECONDS or keeps a request past its deadline."""
+        now = time.monotonic()
+        with self._lock:
+            if self._closing or self._failure is not None:
+                return
+            oldest = min((submitted for _, submitted in self._pending.values()), default=now)
+        # The child fails a request at request-timeout-seconds itself, unless it is stuck.
+        overdue = now - oldest - self._settings.request_timeout_seconds
+        if now - self._last_report > STALL_SECONDS:
+            reason = f"caption engine process sent nothing for {STALL_SECONDS:g} s"
+        elif overdue > CLOSE_MARGIN_SECONDS:
+            reason = f"caption engine process kept a request {overdue:.0f} s past request-timeout-seconds"
+        else:
+            return
+        logger.error("caption engine process is stuck, killing it", extra=fields(reason=reason, pid=self._process.pid))
+        with self._lock:
+            self._failure = reason
+        self._process.kill()
 
     def _handle(self, message: tuple) -> None:
         kind = message[0]
@@ -223,9 +270,10 @@ class EngineProcess(EngineBase):
 
         request_id = message[1]
         with self._lock:
-            future = self._pending.pop(request_id, None)
-        if future is None or not future.set_running_or_notify_cancel():
+            entry = self._pending.pop(request_id, None)
+        if entry is None or not entry[0].set_running_or_notify_cancel():
             return
+        future = entry[0]
         if kind == "result":
             if self._metrics is not None:
                 observe_result(self._metrics, message[2])
@@ -245,8 +293,9 @@ class EngineProcess(EngineBase):
         self._process.join(1.0)
         reason = reason or f"caption engine process exited with code {self._process.exitcode}"
         with self._lock:
-            self._failure = self._failure or reason
-            pending = list(self._pending.values())
+            # A reason found earlier, such as a stuck child that _watch() killed, explains more than the exit code.
+            self._failure = reason = self._failure or reason
+            pending = [future for future, _ in self._pending.values()]
             self._pending.clear()
             closing = self._closing
         # During close() the child may be killed on purpose; otherwise it died under the stream.
@@ -262,8 +311,11 @@ class EngineProcess(EngineBase):
             message = self._from_child.recv()
         except EOFError:
             self._process.join(CLOSE_MARGIN_SECONDS)
-            raise RuntimeError(
-                f"caption engine process exited with code {self._process.exitcode} while loading the model"
+            code = self._process.exitcode
+            # SIGKILL while loading is most often the kernel's out-of-memory killer.
+            hint = "; killed, often for lack of memory: check the memory limit" if code == -signal.SIGKILL else ""
+            raise ModelLoadError(
+                f"caption engine process exited with code {code} while loading the model{hint}"
             ) from None
         if message[0] == "load_failed":
             _, text, model_error = message
@@ -274,14 +326,34 @@ class EngineProcess(EngineBase):
 # ------------------------------------------------------------ child process
 
 
-def serve(settings: Settings, inference_precision: str | None, requests: Connection, replies: Connection) -> None:
+def serve(
+    settings: Settings, inference_precision: str | None, requests: Connection, replies: Connection, parent_pid: int
+) -> None:
     """Run a CaptionEngine for the parent until it requests close or its pipe closes. Runs in the child."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent(parent_pid)
     configure_logging(settings.log_level, settings.log_format)
     host = _EngineHost(replies)
-    if host.start(settings, inference_precision):
-        host.serve(requests)
+    if host.start(settings, inference_precision) and not host.serve(requests):
+        # The parent is gone. Exiting at once skips OpenVINO's teardown, which
+        # reports the blocks of the requests it dropped as leaked.
+        logging.shutdown()
+        os._exit(0)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to kill this process when its parent dies, so a model load does not outlive it."""
+    if not sys.platform.startswith("linux"):
+        return  # elsewhere the child notices the end of its pipe once the model has loaded
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        logger.warning("could not tie the engine process to its parent", extra=fields(errno=ctypes.get_errno()))
+    # The parent may have died before prctl(); this process then has a new parent already.
+    if os.getppid() != parent_pid:
+        os._exit(0)
 
 
 class _EngineHost:
@@ -313,7 +385,8 @@ class _EngineHost:
         threading.Thread(target=self._report_stats, name="caption-engine-stats", daemon=True).start()
         return True
 
-    def serve(self, requests: Connection) -> None:
+    def serve(self, requests: Connection) -> bool:
+        """Serve the parent's messages; return True after close(), False when the parent is gone."""
         assert self._engine is not None
         while True:
             try:
@@ -322,7 +395,7 @@ class _EngineHost:
                 logger.warning("parent process gone, stopping the caption engine")
                 self._stopped.set()
                 self._engine.close(0.0)
-                return
+                return False
             kind = message[0]
             if kind == "submit":
                 self._submit(*message[1:])
@@ -334,7 +407,7 @@ class _EngineHost:
                 self._stopped.set()
                 self._engine.close(message[1])
                 self._send(("closed", self._engine.stats()))
-                return
+                return True
 
     def _submit(self, request_id: int, pixels: np.ndarray, prompt: str | None, options: GenerationOptions) -> None:
         assert self._engine is not None

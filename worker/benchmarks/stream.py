@@ -398,6 +398,8 @@ def naive_output_topic(names: RunNames) -> str:
 
 def run_benchmark(args: argparse.Namespace, settings: Settings, events: int, naive_events: int) -> dict[str, Any]:
     """Run the three phases on a local stack, then clean up what the run created; return the figures."""
+    # Other work on the machine lowers every figure, so the report says how busy it was.
+    load_before = os.getloadavg()[0]
     names = RunNames.unique("bench")
     topics = {names.input_topic: INPUT_PARTITIONS, names.output_topic: 1, names.dlq_topic: 1, naive_output_topic(names): 1}
     stack = LocalStack()
@@ -423,7 +425,9 @@ def run_benchmark(args: argparse.Namespace, settings: Settings, events: int, nai
             if s3 is not None:
                 delete_bucket(s3, names.bucket)
         stack.stop_started()
-    return build_report(settings, events, naive_events, engine, stream, naive)
+    report = build_report(settings, events, naive_events, engine, stream, naive)
+    report["load_average_before"] = round(load_before, 2)
+    return report
 
 
 def build_report(
@@ -526,6 +530,8 @@ def print_report(report: dict[str, Any]) -> None:
         f"engine RSS growth   {format_optional(report['engine_rss_growth'] and report['engine_rss_growth'] * 100, '{:8.2f}')} %  "
         "(the engine alone, in this process, over the same windows)",
         f"dead-lettered       {report['stream_dead_lettered']:8d}",
+        f"load average before {report['load_average_before']:8.2f}  (1 minute; other work on the machine slows the "
+        "phases unevenly)",
         "worker stages p50   "
         + ", ".join(f"{stage} {seconds:.3f} s" for stage, seconds in report["stream_stage_p50_seconds"].items()),
         "stream CPU, cores   "
