@@ -384,6 +384,7 @@ class CaptionEngine(EngineBase):
 
     def _run_once(self) -> bool:
         """Run one turn of the loop; return False when the engine has shut down."""
+        self._take_input()
         self._admit()
         self._drop_expired_and_cancelled()
 
@@ -392,8 +393,9 @@ class CaptionEngine(EngineBase):
             with self._lock:
                 if self._closing and not self._incoming:
                     return False
-                if not self._incoming:
-                    self._lock.wait(IDLE_WAIT_SECONDS)
+                idle = not self._incoming
+            if idle:
+                self._wait_for_input(IDLE_WAIT_SECONDS)
             return True
 
         try:
@@ -408,6 +410,15 @@ class CaptionEngine(EngineBase):
         self._collect()
         self._update_gauges()
         return True
+
+    def _take_input(self) -> None:
+        """Hook for a subclass that receives requests in the engine thread itself; nothing here."""
+
+    def _wait_for_input(self, timeout: float) -> None:
+        """Wait up to `timeout` seconds for a submission while no request is active."""
+        with self._lock:
+            if not self._incoming and not self._closing:
+                self._lock.wait(timeout)
 
     def _admit(self) -> None:
         """Hand queued requests to the pipeline; a request that fails here fails alone."""

@@ -309,6 +309,9 @@ class EngineProcess(EngineBase):
         assert self._from_child is not None
         try:
             message = self._from_child.recv()
+            # The engine thread may report its figures before the child reports ready.
+            while message[0] == "stats":
+                message = self._from_child.recv()
         except EOFError:
             self._process.join(CLOSE_MARGIN_SECONDS)
             code = self._process.exitcode
@@ -334,8 +337,8 @@ def serve(
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with_parent(parent_pid)
     configure_logging(settings.log_level, settings.log_format)
-    host = _EngineHost(replies)
-    if host.start(settings, inference_precision) and not host.serve(requests):
+    host = _EngineHost(requests, replies)
+    if host.start(settings, inference_precision) and not host.serve():
         # The parent is gone. Exiting at once skips OpenVINO's teardown, which
         # reports the blocks of the requests it dropped as leaked.
         logging.shutdown()
@@ -357,14 +360,24 @@ def _die_with_parent(parent_pid: int) -> None:
 
 
 class _EngineHost:
-    """The child's side: turns messages from the parent into engine calls, and results into replies."""
+    """The child's side: turns messages from the parent into engine calls, and results into replies.
 
-    def __init__(self, replies: Connection) -> None:
+    The engine thread reads the pipe itself, between pipeline steps. A separate reader
+    thread would need the GIL after every read, and the engine thread holds it for whole
+    steps, so each message would wait a step or two. With 64 requests in flight, that
+    halved the engine's throughput in a test.
+    """
+
+    def __init__(self, requests: Connection, replies: Connection) -> None:
+        self._requests = requests
         self._replies = replies
         self._send_lock = threading.Lock()
         self._futures: dict[int, Future] = {}
-        self._stopped = threading.Event()
-        self._engine: CaptionEngine | None = None
+        # Set by the engine thread when the parent requests close (with its timeout) or is gone (None).
+        self._close_requested = threading.Event()
+        self._close_timeout: float | None = None
+        self._next_report = 0.0
+        self._engine: _HostedEngine | None = None
 
     def start(self, settings: Settings, inference_precision: str | None) -> bool:
         """Load the model and report ready, or report why not and return False."""
@@ -372,7 +385,7 @@ class _EngineHost:
         # is released a moment after its reply is sent, so the engine gets room to spare.
         engine_settings = settings.model_copy(update={"max_queued_requests": 2 * settings.max_queued_requests})
         try:
-            self._engine = CaptionEngine(engine_settings, None, inference_precision)
+            self._engine = _HostedEngine(self, engine_settings, inference_precision)
             self._engine.start()
         except ModelLoadError as error:
             self._send(("load_failed", str(error), True))
@@ -382,32 +395,56 @@ class _EngineHost:
             self._send(("load_failed", f"caption engine could not start: {error!r}", False))
             return False
         self._send(("ready",))
-        threading.Thread(target=self._report_stats, name="caption-engine-stats", daemon=True).start()
         return True
 
-    def serve(self, requests: Connection) -> bool:
-        """Serve the parent's messages; return True after close(), False when the parent is gone."""
+    def serve(self) -> bool:
+        """Wait until the parent requests close or is gone, then close the engine.
+
+        Returns True after a requested close, and False when the parent is gone.
+        """
         assert self._engine is not None
-        while True:
+        self._close_requested.wait()
+        if self._close_timeout is None:
+            logger.warning("parent process gone, stopping the caption engine")
+            self._engine.close(0.0)
+            return False
+        self._engine.close(self._close_timeout)
+        self._send(("closed", self._engine.stats()))
+        return True
+
+    # ------------------------------------------------------------ in the engine thread
+
+    def take_messages(self) -> None:
+        """Handle every message waiting in the pipe, and report the engine's figures when due."""
+        assert self._engine is not None
+        try:
+            while not self._close_requested.is_set() and self._requests.poll(0):
+                self._handle(self._requests.recv())
+        except (EOFError, OSError):
+            self._close_requested.set()
+        now = time.monotonic()
+        if now >= self._next_report:
+            self._next_report = now + STATS_INTERVAL_SECONDS
+            self._send(("stats", self._engine.stats()))
+
+    def wait_for_message(self, timeout: float) -> None:
+        if not self._close_requested.is_set():
             try:
-                message = requests.recv()
+                self._requests.poll(timeout)
             except (EOFError, OSError):
-                logger.warning("parent process gone, stopping the caption engine")
-                self._stopped.set()
-                self._engine.close(0.0)
-                return False
-            kind = message[0]
-            if kind == "submit":
-                self._submit(*message[1:])
-            elif kind == "cancel":
-                future = self._futures.get(message[1])
-                if future is not None:
-                    future.cancel()
-            elif kind == "close":
-                self._stopped.set()
-                self._engine.close(message[1])
-                self._send(("closed", self._engine.stats()))
-                return True
+                self._close_requested.set()
+
+    def _handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "submit":
+            self._submit(*message[1:])
+        elif kind == "cancel":
+            future = self._futures.get(message[1])
+            if future is not None:
+                future.cancel()
+        elif kind == "close":
+            self._close_timeout = message[1]
+            self._close_requested.set()
 
     def _submit(self, request_id: int, pixels: np.ndarray, prompt: str | None, options: GenerationOptions) -> None:
         assert self._engine is not None
@@ -437,14 +474,23 @@ class _EngineHost:
         else:
             self._send(("stopped", request_id, str(error)))
 
-    def _report_stats(self) -> None:
-        assert self._engine is not None
-        while not self._stopped.wait(STATS_INTERVAL_SECONDS):
-            self._send(("stats", self._engine.stats()))
-
     def _send(self, message: tuple) -> None:
         try:
             with self._send_lock:
                 self._replies.send(message)
         except OSError:
-            pass  # the parent is gone, so serve() reads the end of its pipe and stops
+            pass  # the parent is gone; the engine thread reads the end of its pipe and stops
+
+
+class _HostedEngine(CaptionEngine):
+    """A CaptionEngine whose thread also receives the parent's messages, between pipeline steps."""
+
+    def __init__(self, host: _EngineHost, settings: Settings, inference_precision: str | None) -> None:
+        super().__init__(settings, None, inference_precision)
+        self._host = host
+
+    def _take_input(self) -> None:
+        self._host.take_messages()
+
+    def _wait_for_input(self, timeout: float) -> None:
+        self._host.wait_for_message(timeout)
