@@ -215,7 +215,7 @@ def test_submit_does_not_wait_for_a_stopped_child(make_engine):
 
 
 def test_stuck_child_is_killed_after_the_request_deadline(make_engine, monkeypatch):
-    monkeypatch.setattr(engine_process, "CLOSE_MARGIN_SECONDS", 0.5)
+    monkeypatch.setattr(engine_process, "OVERDUE_SECONDS", 0.5)
     engine = make_engine(request_timeout_seconds=1.0)
     pid = _engine_pid(engine)
     os.kill(pid, signal.SIGSTOP)

@@ -365,6 +365,28 @@ def test_engine_process_death_stops_the_worker_and_loses_nothing(stream, sample_
     assert set(stream.sent) <= set(results.sources())
 
 
+def test_paused_engine_times_out_and_captions_again(stream, sample_photos):
+    keys = stream.put_images(sample_photos, 10)
+    worker = stream.start_worker("--request-timeout-seconds", "2")
+    worker.wait_ready()
+    engine_pid = find_engine_pid(worker.process.pid)
+    assert engine_pid is not None
+
+    # The deadline runs from the worker's submit, so the images pass it while the engine is
+    # paused, and time out when it resumes.
+    os.kill(engine_pid, signal.SIGSTOP)
+    try:
+        stream.send([stream.own_event(key) for key in keys])
+        time.sleep(5)
+    finally:
+        os.kill(engine_pid, signal.SIGCONT)
+    results = stream.read(until=stream.covers_all_sent)
+
+    assert results.errors == [], f"a paused engine dead-lettered good images: {results.errors}"
+    assert "caption failed, will fetch and caption again" in worker.log_path.read_text()
+    assert worker.stop() == EXIT_OK
+
+
 @pytest.mark.slow
 def test_sigterm_then_restart_duplicates_nothing(stream, sample_photos):
     keys = stream.put_images(sample_photos, 30)

@@ -287,8 +287,14 @@ class CaptionEngine(EngineBase):
         self._thread = threading.Thread(target=self._run, name="caption-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, pixels: np.ndarray, prompt: str | None, options: GenerationOptions) -> Future:
+    def submit(
+        self, pixels: np.ndarray, prompt: str | None, options: GenerationOptions, *, submitted_at: float | None = None
+    ) -> Future:
         """Queue one image for captioning and return a future of its CaptionResult.
+
+        `submitted_at` (time.monotonic(), which all processes of a Linux machine share)
+        starts the queue time and the deadline earlier than now: EngineProcess passes the
+        time of its own submit().
 
         `pixels` is uint8 RGB, height x width x 3. `prompt` None means the
         configured prompt. Raises EngineFull when max_queued_requests requests are
@@ -305,7 +311,7 @@ class CaptionEngine(EngineBase):
         rendered = render_prompt(self._tokenizer, self._settings.system_prompt, user_prompt)
         config = build_generation_config(options, self._eos_token_id, self._stop_token_ids)
 
-        now = time.monotonic()
+        now = time.monotonic() if submitted_at is None else submitted_at
         with self._lock:
             if self._closing:
                 raise RuntimeError("caption engine is closed")
@@ -470,7 +476,8 @@ class CaptionEngine(EngineBase):
                     extra=fields(request_id=request.request_id, timeout_seconds=self._settings.request_timeout_seconds),
                 )
                 message = f"caption timed out after {self._settings.request_timeout_seconds:g} s (request-timeout-seconds)"
-                self._finish_error(request, CaptionError(ErrorCode.GENERATION_FAILED, message))
+                # max-new-tokens bounds the work, so a timeout means a slow or paused engine, not a bad image.
+                self._finish_error(request, CaptionError(ErrorCode.GENERATION_FAILED, message, retryable=True))
             elif closing_deadline is not None and now >= closing_deadline:
                 self._drop(request)
                 message = "caption engine closed before the caption finished"
@@ -556,11 +563,15 @@ class CaptionEngine(EngineBase):
 
     def _clear_request_gauges(self) -> None:
         # The pipeline's figures describe its last step, which may be long past when idle.
+        # With no request left, the cache holds no blocks either, unless prefix caching keeps some.
         if self._pipeline_metrics.get("running") or self._pipeline_metrics.get("waiting"):
+            usage = self._pipeline_metrics.get("kv_cache_usage", 0.0)
+            if not self._settings.enable_prefix_caching:
+                usage = 0.0
             with self._lock:
-                self._pipeline_metrics = {**self._pipeline_metrics, "running": 0, "waiting": 0}
+                self._pipeline_metrics = {"running": 0, "waiting": 0, "kv_cache_usage": usage}
             if self._metrics is not None:
-                set_request_gauges(self._metrics, 0, 0)
+                set_request_gauges(self._metrics, 0, 0, usage)
 
     def _finish_error(self, request: _Request, error: Exception) -> None:
         self._count("failed")

@@ -9,7 +9,7 @@ as the engine's do.
 
 Parent and child exchange pickled tuples over two pipes:
 
-- to the child: ("submit", id, pixels, prompt, options), ("cancel", id), ("close", timeout);
+- to the child: ("submit", id, pixels, prompt, options, submitted_at), ("cancel", id), ("close", timeout);
 - to the parent: ("ready",), ("load_failed", message, is_model_error), ("result", id, result),
   ("failed", id, code, message, retryable), ("cancelled", id), ("stopped", id, reason),
   ("stats", figures) and last ("closed", figures).
@@ -59,7 +59,11 @@ logger = logging.getLogger(__name__)
 STATS_INTERVAL_SECONDS = 0.5
 
 # Past close()'s timeout: time for the child's last engine step, its report and its exit.
-CLOSE_MARGIN_SECONDS = 15.0
+CLOSE_MARGIN_SECONDS = 10.0
+# How long close() waits for a child that it had to kill.
+KILL_WAIT_SECONDS = 2.0
+# A request that the child keeps this long past request-timeout-seconds means a stuck child.
+OVERDUE_SECONDS = 15.0
 
 # A child that sends nothing for this long is taken as hung and killed. It reports twice a
 # second, except during a pipeline step, which holds the GIL. NOTE: an estimate: the tiny
@@ -148,8 +152,9 @@ class EngineProcess(EngineBase):
             if len(self._pending) >= self._settings.max_queued_requests:
                 raise EngineFull(f"{len(self._pending)} caption requests in flight, the maximum")
             request_id = next(self._request_ids)
-            self._pending[request_id] = (future, time.monotonic())
-        self._outbox.put(("submit", request_id, pixels, prompt, options))
+            submitted_at = time.monotonic()
+            self._pending[request_id] = (future, submitted_at)
+        self._outbox.put(("submit", request_id, pixels, prompt, options, submitted_at))
         future.add_done_callback(functools.partial(self._on_future_done, request_id))
         return future
 
@@ -172,6 +177,7 @@ class EngineProcess(EngineBase):
            timeout and fails the rest with a retryable generation_failed;
         3. wait for the child's last report, up to the timeout and a margin;
         4. join the child, and kill it if it is still alive.
+        Steps 3 and 4 share one deadline, CLOSE_MARGIN_SECONDS after the timeout.
         """
         with self._lock:
             if self._closing:
@@ -185,14 +191,15 @@ class EngineProcess(EngineBase):
         self._outbox.put(("close", timeout))
         self._outbox.put(None)  # the sender thread stops after the close message
 
+        deadline = time.monotonic() + timeout + CLOSE_MARGIN_SECONDS
         if self._reader is not None:
-            self._reader.join(timeout + CLOSE_MARGIN_SECONDS)
+            self._reader.join(max(0.0, deadline - time.monotonic()))
 
-        self._process.join(CLOSE_MARGIN_SECONDS)
+        self._process.join(max(0.0, deadline - time.monotonic()))
         if self._process.is_alive():
             logger.warning("caption engine process did not stop, killing it", extra=fields(pid=self._process.pid))
             self._process.kill()
-            self._process.join(CLOSE_MARGIN_SECONDS)
+            self._process.join(KILL_WAIT_SECONDS)
         for connection in (self._to_child, self._from_child):
             if connection is not None:
                 connection.close()
@@ -220,10 +227,14 @@ class EngineProcess(EngineBase):
     def _read(self) -> None:
         """Take the child's replies, and check on the child between them; runs in the reader thread."""
         assert self._from_child is not None
+        next_watch = time.monotonic() + WATCH_INTERVAL_SECONDS
         try:
             while True:
-                if not self._from_child.poll(WATCH_INTERVAL_SECONDS):
+                # A child that still reports can hold a request forever, so the check runs on a clock.
+                if time.monotonic() >= next_watch:
+                    next_watch = time.monotonic() + WATCH_INTERVAL_SECONDS
                     self._watch()
+                if not self._from_child.poll(WATCH_INTERVAL_SECONDS):
                     continue
                 message = self._from_child.recv()
                 self._last_report = time.monotonic()
@@ -249,7 +260,7 @@ class EngineProcess(EngineBase):
         overdue = now - oldest - self._settings.request_timeout_seconds
         if now - self._last_report > STALL_SECONDS:
             reason = f"caption engine process sent nothing for {STALL_SECONDS:g} s"
-        elif overdue > CLOSE_MARGIN_SECONDS:
+        elif overdue > OVERDUE_SECONDS:
             reason = f"caption engine process kept a request {overdue:.0f} s past request-timeout-seconds"
         else:
             return
@@ -446,10 +457,13 @@ class _EngineHost:
             self._close_timeout = message[1]
             self._close_requested.set()
 
-    def _submit(self, request_id: int, pixels: np.ndarray, prompt: str | None, options: GenerationOptions) -> None:
+    def _submit(
+        self, request_id: int, pixels: np.ndarray, prompt: str | None, options: GenerationOptions, submitted_at: float
+    ) -> None:
         assert self._engine is not None
         try:
-            future = self._engine.submit(pixels, prompt, options)
+            # The deadline runs from the parent's submit(), so time spent in the pipe counts too.
+            future = self._engine.submit(pixels, prompt, options, submitted_at=submitted_at)
         except CaptionError as error:
             self._send(("failed", request_id, error.code.value, error.message, error.retryable))
             return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -64,6 +65,10 @@ class WorkItem:
     fetch_seconds: float = 0.0
     decode_seconds: float = 0.0
     decoded: DecodedImage | None = None
+    # The engine's future while the image is being captioned, so that a revoke can cancel it.
+    caption: Future | None = None
+    # Captions that failed with a retryable error; the image is fetched and captioned again.
+    caption_failures: int = 0
     # Fetches that met an unhealthy store, and when the next try is due (monotonic seconds).
     transient_failures: int = 0
     retry_at: float = 0.0

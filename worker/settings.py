@@ -102,7 +102,9 @@ class Settings(BaseSettings):
     request_timeout_seconds: float = Field(600.0, gt=0, description="deadline of one caption request")
 
     # Continuous-batching scheduler
-    max_num_seqs: int = Field(32, ge=1, description="sequences scheduled in one step")
+    max_num_seqs: int = Field(
+        32, ge=1, description="sequences scheduled in one step; no effect while OpenVINO's dynamic split-fuse is on"
+    )
     max_num_batched_tokens: int = Field(4096, ge=1, description="tokens scheduled in one step")
     cache_size: int = Field(
         2, ge=0, description="KV cache size in GB; 0 grows it on demand, up to the peak of the running requests"

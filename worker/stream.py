@@ -80,6 +80,9 @@ REBALANCE_COMMIT_ERRORS = frozenset(
     }
 )
 
+# Tries of one image that fails with a retryable caption error, before it is dead-lettered.
+CAPTION_ATTEMPTS = 3
+
 FETCHED = "fetched"
 CAPTIONED = "captioned"
 
@@ -483,12 +486,22 @@ class Worker:
                 continue
             self.waiting.popleft()
             item.decoded = None  # the engine keeps its own reference to the pixels
+            item.caption = future
             future.add_done_callback(functools.partial(self._on_future_done, CAPTIONED, item))
 
     def _after_caption(self, item: WorkItem, future: Future) -> None:
+        item.caption = None
         try:
             result = future.result()
         except CaptionError as error:
+            if error.retryable and item.caption_failures + 1 < CAPTION_ATTEMPTS:
+                # A timeout or a full KV cache points at the engine's load rather than at the image.
+                item.caption_failures += 1
+                self.log_limiter.log(logger, logging.WARNING, "caption failed, will fetch and caption again",
+                                     repeat_key=("caption retry", error.code.value),
+                                     **self._item_values(item, error=error.message, failures=item.caption_failures))
+                self._start_fetch(item)
+                return
             self._fail(item, error)
             return
         except EngineStopped:
@@ -949,10 +962,17 @@ class Worker:
         self._after_partitions_removed()
 
     def _forget(self, tp: TopicPartitionKey) -> None:
-        """Drop a partition's work and offsets, so that late results for it are ignored."""
+        """Drop a partition's work and offsets, so that late results for it are ignored.
+
+        Its images still in the engine are cancelled, so their slots and KV cache go to the
+        partitions that stay. The new owner captions them again.
+        """
         partition = self.partitions.pop(tp, None)
         if partition is not None:
             partition.revoked = True
+            for item in partition.items:
+                if item.caption is not None:
+                    item.caption.cancel()
         self.tracker.forget(tp)
         self.paused.discard(tp)
         self.backlog = deque(message for message in self.backlog if (message.topic(), message.partition()) != tp)
@@ -1124,7 +1144,8 @@ def _run_with_server(settings: Settings, metrics: Metrics, health: HealthState, 
             logger.exception("worker failed")
             return EXIT_FAILURE
     finally:
-        engine.close(CLOSE_TIMEOUT_SECONDS)
+        # The drain is over, and the engine's remaining work stays uncommitted, so it gets no time to finish.
+        engine.close(0.0)
         fetcher.close()
 
 
