@@ -252,6 +252,14 @@ def _read_id(value: Any, default_id: str) -> str:
     return value
 
 
+# Text that the engine's chat template or OpenVINO GenAI gives a meaning: in a user prompt
+# it would add image slots or turns, which the pipeline rejects or the model misreads.
+RESERVED_PROMPT_MARKERS = (
+    "<start_of_image>", "<end_of_image>", "<image_soft_token>", "<ov_genai_image_", "<start_of_turn>", "<end_of_turn>",
+    "<bos>", "<eos>",
+)
+
+
 def _read_prompt(value: Any, settings: Settings, uri: str) -> str | None:
     if value is None:
         return None
@@ -265,6 +273,16 @@ def _read_prompt(value: Any, settings: Settings, uri: str) -> str | None:
             f"`prompt` has {len(value)} characters, maximum {settings.max_prompt_chars} (--max-prompt-chars)",
             image=uri,
         )
+    marker = next((marker for marker in RESERVED_PROMPT_MARKERS if marker in value), None)
+    if marker is not None:
+        raise _RecordError(
+            ErrorCode.INVALID_EVENT, f"`prompt` contains {marker!r}, which is reserved for the chat template", image=uri
+        )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        message = "`prompt` contains a lone surrogate (\\ud800 to \\udfff), which is not valid Unicode text"
+        raise _RecordError(ErrorCode.INVALID_EVENT, message, image=uri) from None
     return value
 
 
