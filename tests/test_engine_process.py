@@ -36,10 +36,10 @@ def _settings(tiny_model_dir, **overrides):
     return load_settings(None, model=tiny_model_dir, cache_size=1, **overrides)
 
 
-def _wait_for(condition, what: str) -> None:
+def _wait_for(condition, description: str) -> None:
     deadline = time.monotonic() + WAIT_SECONDS
     while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        assert time.monotonic() < deadline, f"timed out waiting for {description}"
         time.sleep(0.01)
 
 
@@ -94,7 +94,7 @@ def test_metrics_are_recorded_in_the_parent(make_engine):
     assert engine.stats()["completed"] == 1
 
 
-def test_over_long_prompt_and_bad_pixels_are_rejected_at_submit(make_engine):
+def test_submit_rejects_long_prompt_and_bad_pixels(make_engine):
     engine = make_engine(max_prompt_chars=10)
     with pytest.raises(CaptionError) as raised:
         engine.submit(_image(1), "x" * 11, GenerationOptions())
@@ -104,7 +104,7 @@ def test_over_long_prompt_and_bad_pixels_are_rejected_at_submit(make_engine):
     assert engine.free_slots() == engine._settings.max_queued_requests
 
 
-def test_engine_full_when_admission_is_full_and_cancel_frees_a_slot(make_engine):
+def test_full_admission_and_cancelled_slot(make_engine):
     engine = make_engine(max_queued_requests=2)
     first = engine.submit(_image(1), None, LONG_OPTIONS)
     second = engine.submit(_image(2), None, LONG_OPTIONS)
@@ -155,7 +155,7 @@ def test_missing_model_file_raises_before_any_process_starts(tiny_model_dir, tmp
         EngineProcess(_settings(broken), None)
 
 
-def test_model_that_openvino_cannot_load_raises_model_load_error_from_start(tiny_model_dir, tmp_path):
+def test_unloadable_model_fails_start(tiny_model_dir, tmp_path):
     broken = tmp_path / "model"
     broken.mkdir()
     for path in tiny_model_dir.iterdir():
@@ -192,7 +192,7 @@ def test_child_exits_when_its_parent_is_killed(tiny_model_dir, tmp_path):
     _wait_for(lambda: not os.path.exists(f"/proc/{child}") or _is_zombie(child), "the orphaned child to exit")
 
 
-def test_find_engine_pid_finds_the_child_and_not_the_resource_tracker(make_engine):
+def test_find_engine_pid_skips_resource_tracker(make_engine):
     engine = make_engine()
     assert find_engine_pid(os.getpid()) == _engine_pid(engine)
 

@@ -345,7 +345,7 @@ def test_sigkill_then_restart_loses_nothing(stream, sample_photos):
     assert set(stream.sent) <= set(results.sources())
 
 
-def test_engine_process_death_stops_the_worker_and_loses_nothing(stream, sample_photos):
+def test_engine_death_loses_nothing(stream, sample_photos):
     keys = stream.put_images(sample_photos, 30)
     stream.send([stream.own_event(key) for key in keys])
     # Long captions, so that images are in the engine when its process is killed.

@@ -66,8 +66,8 @@ KILL_WAIT_SECONDS = 2.0
 OVERDUE_SECONDS = 15.0
 
 # A child that sends nothing for this long is taken as hung and killed. It reports twice a
-# second, except during a pipeline step, which holds the GIL. NOTE: an estimate: the tiny
-# model's steps take milliseconds, and no full-size model's step has been measured.
+# second, except during a pipeline step, which holds the GIL. NOTE: this limit is an estimate.
+# The tiny model's steps take milliseconds, and no full-size model's step has been measured.
 STALL_SECONDS = 120.0
 # How often the reader thread checks for a stalled child or an overdue request.
 WATCH_INTERVAL_SECONDS = 1.0
@@ -173,7 +173,7 @@ class EngineProcess(EngineBase):
 
         Steps:
         1. stop admission: submit() raises RuntimeError from now on;
-        2. ask the child to close its engine, which finishes what it can within the
+        2. request the child to close its engine, which finishes what it can within the
            timeout and fails the rest with a retryable generation_failed;
         3. wait for the child's last report, up to the timeout and a margin;
         4. join the child, and kill it if it is still alive.
@@ -205,7 +205,7 @@ class EngineProcess(EngineBase):
                 connection.close()
         logger.info("caption engine process stopped", extra=fields(exit_code=self._process.exitcode, **self.stats()))
 
-    # ------------------------------------------------------------ parent's reader thread
+    # ------------------------------------------------------------ parent's sender and reader threads
 
     def _send_all(self) -> None:
         """Write queued messages to the child until close() queues the end; runs in the sender thread."""
@@ -220,7 +220,8 @@ class EngineProcess(EngineBase):
                 return  # the child is gone, and the reader fails what is pending
 
     def _on_future_done(self, request_id: int, future: Future) -> None:
-        # The child's request runs until a cancel message reaches it; the slot frees when the child reports it cancelled.
+        # The child's request runs until a cancel message reaches it. The slot frees when
+        # the child reports the request cancelled.
         if future.cancelled():
             self._outbox.put(("cancel", request_id))
 
@@ -326,8 +327,8 @@ class EngineProcess(EngineBase):
         except EOFError:
             self._process.join(CLOSE_MARGIN_SECONDS)
             code = self._process.exitcode
-            # SIGKILL while loading is most often the kernel's out-of-memory killer.
-            hint = "; killed, often for lack of memory: check the memory limit" if code == -signal.SIGKILL else ""
+            # A SIGKILL during the load can come from the kernel's out-of-memory killer.
+            hint = "; killed, possibly for lack of memory: check the memory limit" if code == -signal.SIGKILL else ""
             raise ModelLoadError(
                 f"caption engine process exited with code {code} while loading the model{hint}"
             ) from None

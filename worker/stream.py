@@ -739,15 +739,17 @@ class Worker:
     def _commit_offsets(self, *, final: bool = False, wait: bool = True) -> None:
         """Commit each partition up to its first offset not done (at-least-once).
 
-        1. Take each partition's first offset whose records are not all acknowledged,
+        1. At a periodic checkpoint, skip while the last asynchronous commit has no result,
+           for up to ASYNC_COMMIT_LIMIT_SECONDS.
+        2. Take each partition's first offset whose records are not all acknowledged,
            so that no commit passes a delivery that is still outstanding.
-        2. Commit those offsets:
+        3. Commit those offsets:
            - at a periodic checkpoint (`wait` false), asynchronously, so that a coordinator
              that stops responding cannot block the loop. `_on_commit` gets the result in a
-             later poll, and no other periodic commit starts until then;
+             later poll;
            - on revoke, synchronously, so that they are committed before the partitions go;
            - at shutdown (`final`), synchronously in a daemon thread bounded by COMMIT_TIMEOUT_SECONDS.
-        3. Remember the positions that the broker accepted.
+        4. Remember the positions that the broker accepted.
         A commit that a rebalance breaks is logged and counted, not fatal. A fatal error stops the worker.
         """
         if not wait and self._async_commit_pending():

@@ -65,8 +65,8 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 128
 # A KV cache that grows on demand, unless --cache-size is given. A fixed pool becomes resident
-# block by block as captions first write to it (48 KiB per caption with the tiny model, until the
-# 2 GB default is full after about 44,000 captions), and that growth would hide a real leak.
+# block by block as captions first write to it: 48 KiB per caption with the tiny model, until the
+# 2 GB default is full after about 44,000 captions. That growth would hide a real leak.
 DEFAULT_CACHE_SIZE = 0
 DEFAULT_NAIVE_EVENTS = 100
 RSS_WINDOW_RECORDS = 1000
@@ -398,7 +398,7 @@ def naive_output_topic(names: RunNames) -> str:
 
 def run_benchmark(args: argparse.Namespace, settings: Settings, events: int, naive_events: int) -> dict[str, Any]:
     """Run the three phases on a local stack, then clean up what the run created; return the figures."""
-    # Other work on the machine lowers every figure, so the report says how busy it was.
+    # Other work on the machine lowers every figure, so the report includes how busy it was.
     load_before = os.getloadavg()[0]
     names = RunNames.unique("bench")
     topics = {names.input_topic: INPUT_PARTITIONS, names.output_topic: 1, names.dlq_topic: 1, naive_output_topic(names): 1}
